@@ -1,0 +1,146 @@
+"""Hydra composition of the stage configs.
+
+One primary config (`config/franca.yaml`) composed with a preset (scale), an experiment (method variant), a seed and
+free overrides gives the full config. Each stage reads only its slice (`stage_config`): that slice is what the
+workflow puts in a rule's params, so editing a YAML value reruns exactly the stages whose slice changed. Keys under
+`run` (workers, checkpoint period, progress bars) are orchestration: they never change results and are excluded.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+PRIMARY = "franca"
+STAGES = ("pretrain", "highres", "rasa", "eval")
+# Method keys every training stage reads (spec 1-4); `data_key` names the dataset role of the stage.
+_TRAIN_KEYS = ("model", "dino", "ibot", "masking", "crops", "teacher", "optim", "train", "seed", "experiment_name")
+
+
+class ConfigError(ValueError):
+    """A config value or override is invalid; the message names the key."""
+
+
+def compose(preset: str, experiment: str, seed: int = 0, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Full resolved config (plain dict) for one preset x experiment x seed."""
+    return copy.deepcopy(_compose_cached(preset, experiment, int(seed), tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=256)
+def _compose_cached(preset: str, experiment: str, seed: int, overrides: tuple[str, ...]) -> dict[str, Any]:
+    args = [f"preset={preset}", f"experiment={experiment}", f"seed={seed}", *overrides]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=PRIMARY, overrides=args)
+    except Exception as err:  # hydra raises several types; all mean a bad override or group option
+        raise ConfigError(f"cannot compose config with overrides {args}: {err}") from err
+    finally:
+        GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def merge(base: Mapping, override: Mapping) -> dict:
+    """Recursive dict merge; `override` wins. Neither input is modified."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def n_pretrain_stages(cfg: Mapping) -> int:
+    return len(cfg["pretrain"]["stages"])
+
+
+def stage_config(cfg: Mapping, stage: str, index: int = 1) -> dict[str, Any]:
+    """The slice of `cfg` that determines the results of `stage` (pretrain stage `index` is 1-based)."""
+    if stage == "pretrain":
+        stages = cfg["pretrain"]["stages"]
+        if not 1 <= index <= len(stages):
+            raise ConfigError(f"pretrain stage {index} does not exist: pretrain.stages has {len(stages)} entries")
+        out = merge({k: cfg[k] for k in _TRAIN_KEYS}, stages[index - 1] or {})
+        out["data"] = cfg["data"]["pretrain"]
+        return out
+    if stage == "highres":
+        out = merge({k: cfg[k] for k in _TRAIN_KEYS}, cfg.get("highres") or {})
+        out["model"]["img_size"] = out["crops"]["global_crops_size"]  # pos_embed is resized to the new grid
+        out["data"] = cfg["data"]["highres"]
+        return out
+    if stage == "rasa":
+        return {"rasa": cfg["rasa"], "data": cfg["data"]["rasa"], "seed": cfg["seed"]}
+    if stage == "eval":
+        return {"eval": cfg["eval"], "data": {k: cfg["data"][k] for k in ("classification", "dense")}}
+    raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def dataset_config(cfg: Mapping, name: str) -> dict[str, Any]:
+    datasets = cfg["data"]["datasets"]
+    if name not in datasets:
+        raise ConfigError(f"data.datasets has no dataset {name!r} (known: {sorted(datasets)})")
+    return dict(datasets[name])
+
+
+def used_datasets(cfg: Mapping) -> list[str]:
+    """Datasets some stage reads: only these are fetched."""
+    data = cfg["data"]
+    names = {data[role]["dataset"] for role in ("pretrain", "highres", "rasa", "classification", "dense")}
+    names |= {data["classification"].get("val_dataset")} - {None}
+    names |= {ref.split(":")[0] for ref in [data["dedup"]["train"], *data["dedup"]["eval"]]}
+    return sorted(names)
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable text of a config slice: the rule params that trigger reruns."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_args(preset: str, experiment: str, seed: int, overrides: Sequence[str]) -> list[str]:
+    """Command-line arguments that make a `franca` stage compose the same config as the workflow."""
+    args = ["--preset", preset, "--experiment", experiment, "--seed", str(seed)]
+    for override in overrides:
+        args += ["--override", override]
+    return args
+
+
+def validate(cfg: Mapping) -> None:
+    """Check a composed config against workflow/schemas/method.schema.yaml plus cross-key rules."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load((CONFIG_DIR.parent / "workflow" / "schemas" / "method.schema.yaml").read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        where = ".".join(str(p) for p in errors[0].absolute_path) or "<root>"
+        raise ConfigError(f"config key {where}: {errors[0].message}")
+    for stage in ["highres", *[f"pretrain{i}" for i in range(1, n_pretrain_stages(cfg) + 1)]]:
+        sc = stage_config(cfg, "highres") if stage == "highres" else stage_config(cfg, "pretrain", int(stage[8:]))
+        patch = sc["model"]["patch_size"]
+        for key in ("global_crops_size", "local_crops_size"):
+            if sc["crops"][key] % patch:
+                raise ConfigError(f"config key crops.{key}: {sc['crops'][key]} ({stage}) is not a multiple of "
+                                  f"model.patch_size {patch}")
+        if sc["optim"]["warmup_iters"] > sc["optim"]["iterations"]:
+            raise ConfigError(f"config key optim.warmup_iters ({stage}) exceeds optim.iterations")
+
+
+def launch_shape(stage_cfg: Mapping) -> tuple[int, int]:
+    """(nodes, processes per node) of a training stage: world_size split over gpus_per_node (CPU: one node)."""
+    train = stage_cfg["train"]
+    world = int(train.get("world_size", 1))
+    per_node = int(train.get("gpus_per_node", 0)) or world
+    if world % per_node:
+        raise ConfigError(f"config key train.world_size {world} is not a multiple of train.gpus_per_node {per_node}")
+    return world // per_node, per_node

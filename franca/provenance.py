@@ -1,0 +1,160 @@
+"""Provenance records: every stage writes `provenance.json` beside its outputs.
+
+A record holds the stage's inputs and outputs with their sha256 (size and mtime too, so a later stage can reuse a
+hash without re-reading an unchanged file), the resolved config, the code version (git commit, dirty flag), the
+package versions, the MLflow run id, the host and the wall time. `franca audit` (franca/audit.py) walks these records
+from any artifact back to the fetched sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+FILENAME = "provenance.json"
+_PACKAGES = ("torch", "torchvision", "numpy", "snakemake", "dvc", "mlflow", "hydra-core", "webdataset", "pandas",
+             "faiss-cpu", "scikit-learn", "pillow", "franca-repro")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def expand(paths: Iterable[str | Path]) -> list[Path]:
+    """Files of `paths`, directories expanded recursively (provenance files of sub-stages excluded), sorted."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.exists():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"provenance: input or output {path} does not exist")
+    return out
+
+
+def rel(path: str | Path) -> str:
+    """Repo-relative POSIX path when under the working directory, else absolute."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def file_record(path: Path, known: Mapping[str, Mapping] | None = None) -> dict[str, Any]:
+    """{sha256, size, mtime_ns}; reuses a known hash when size and mtime are unchanged."""
+    stat = path.stat()
+    previous = (known or {}).get(rel(path))
+    if previous and previous.get("size") == stat.st_size and previous.get("mtime_ns") == stat.st_mtime_ns:
+        return dict(previous)
+    return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def find_record(path: str | Path) -> Path | None:
+    """The provenance.json that lists `path` as an output: looked up in its directory and the parents."""
+    target = rel(path)
+    for directory in [Path(path).resolve().parent, *Path(path).resolve().parents]:
+        candidate = directory / FILENAME
+        if candidate.is_file() and target in load(candidate).get("outputs", {}):
+            return candidate
+        if directory == Path.cwd().resolve():
+            break
+    return None
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _known_hashes(inputs: list[Path]) -> dict[str, Mapping]:
+    """Output records of the stages that produced `inputs` (one lookup per directory)."""
+    known: dict[str, Mapping] = {}
+    seen: set[Path] = set()
+    for path in inputs:
+        record = None if path.parent in seen else find_record(path)
+        seen.add(path.parent)
+        if record is not None:
+            known.update(load(record).get("outputs", {}))
+    return known
+
+
+def code_version() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    return {"git_commit": commit or "unknown", "dirty": dirty}
+
+
+def packages() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def write(
+    out_dir: str | Path,
+    *,
+    stage: str,
+    inputs: Iterable[str | Path],
+    outputs: Iterable[str | Path],
+    config: Mapping[str, Any],
+    mlflow_run_id: str | None,
+    started: float,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `out_dir/provenance.json` atomically and return its path."""
+    input_files = expand(inputs)
+    known = _known_hashes(input_files)
+    record = {
+        "stage": stage,
+        "inputs": {rel(p): file_record(p, known) for p in input_files},
+        "outputs": {rel(p): file_record(p) for p in expand(outputs) if p.name != FILENAME},
+        "config": dict(config),
+        "code": code_version(),
+        "packages": packages(),
+        "mlflow_run_id": mlflow_run_id,
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_time_s": round(time.time() - started, 3),
+        **(dict(extra) if extra else {}),
+    }
+    path = Path(out_dir) / FILENAME
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str))
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write then rename, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

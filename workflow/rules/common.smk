@@ -1,0 +1,104 @@
+# Helpers shared by the rules: config composition, file lists, the `franca` command line, hooks.
+import os
+import shlex
+
+from franca import config as fc
+from franca import workflow_hooks as hooks
+
+PRESET = config["preset"]
+OVERRIDES = tuple(config.get("overrides", []))
+EXPERIMENTS = config["experiments"]
+os.environ.setdefault("FRANCA_TRACKING_URI", config.get("tracking_uri", "sqlite:///mlflow.db"))
+os.environ.setdefault("FRANCA_MLFLOW_EXPERIMENT", config.get("mlflow_experiment", "franca-repro"))
+
+
+def cfg(exp, seed=0):
+    """Full resolved config of one experiment x seed (cached; a bad key or value stops the run here)."""
+    return fc.compose(PRESET, exp, int(seed), OVERRIDES)
+
+
+BASE = cfg(next(iter(EXPERIMENTS)))
+DATASETS = fc.used_datasets(BASE)
+RUNS = [(exp, seed) for exp, spec in EXPERIMENTS.items() for seed in spec["seeds"]]
+for _exp, _seed in RUNS:
+    fc.validate(cfg(_exp, _seed))
+
+
+BENCHMARKS = list(BASE["eval"]["benchmarks"])
+DENSE = set(BASE["eval"]["dense_benchmarks"])
+
+
+def train_resources(stage):
+    """Per-rule resources from the stage config (GPUs, nodes, runtime...): used by the SLURM profile."""
+    return fc.rule_resources(fc.stage_config(BASE, stage))
+
+
+def train_launcher(stage):
+    """`franca`, `torchrun ... -m franca.cli` (one node, several processes) or `srun torchrun` (several nodes)."""
+    nodes, nproc = fc.launch_shape(fc.stage_config(BASE, stage))
+    if nodes == 1 and nproc == 1:
+        return FRANCA
+    torchrun = f"torchrun --nnodes {nodes} --nproc_per_node {nproc}"
+    if nodes == 1:
+        return f"FRANCA_RULE={{rule}} {torchrun} --standalone -m franca.cli"
+    rdzv = "--rdzv_backend c10d --rdzv_endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
+    return f"FRANCA_RULE={{rule}} srun --ntasks-per-node 1 {torchrun} {rdzv} --rdzv_id $SLURM_JOB_ID -m franca.cli"
+
+
+def n_stages(exp):
+    return fc.n_pretrain_stages(cfg(exp))
+
+
+def checkpoint_kinds(exp):
+    return ["pretrain", "highres"] if EXPERIMENTS[exp]["highres"] else ["pretrain"]
+
+
+def checkpoint_path(exp, seed, ckpt):
+    if ckpt == "highres":
+        return f"results/highres/{exp}/s{seed}/checkpoint.pt"
+    return f"results/pretrain/{exp}/s{seed}/stage{n_stages(exp)}/checkpoint.pt"
+
+
+def shard_dir(dataset):
+    return f"data/{dataset}/shards"
+
+
+def dataset_of(role, exp="__base__"):
+    data = (BASE if exp == "__base__" else cfg(exp))["data"]
+    return data[role]["dataset"]
+
+
+def params_of(stage, index=None):
+    """Rule params: the stage's resolved config slice, so editing one YAML value reruns exactly what it affects."""
+
+    def get(wildcards):
+        wc = dict(wildcards)
+        full = cfg(wc.get("exp", next(iter(EXPERIMENTS))), wc.get("seed", 0))
+        idx = int(wc["stage"]) if index is None and "stage" in wc else (index or 1)
+        return fc.canonical_json(fc.stage_config(full, stage, idx))
+
+    return get
+
+
+def franca_args(wildcards):
+    """`--preset/--experiment/--seed/--override` so that the stage composes the same config as the DAG."""
+    wc = dict(wildcards)
+    args = fc.stage_args(PRESET, wc.get("exp", next(iter(EXPERIMENTS))), int(wc.get("seed", 0)), OVERRIDES)
+    return " ".join(shlex.quote(a) for a in args)
+
+
+# Every job runs `franca` from the environment that runs snakemake; the rule name and wildcards become MLflow tags.
+FRANCA = "FRANCA_RULE={rule} franca"
+TRAIN_LAUNCH = train_launcher("pretrain")
+
+
+def workflow_onstart():
+    hooks.onstart(config)
+
+
+def workflow_onsuccess():
+    hooks.onsuccess(config)
+
+
+def workflow_onerror():
+    hooks.onerror(config)

@@ -1,0 +1,33 @@
+# Pretraining (franca/train): a list of stages; stage i>1 starts from stage i-1's weights. Rolling checkpoints live
+# in work/ckpt/, which Snakemake never deletes, so a killed job rerun with the same command resumes.
+
+
+def pretrain_inputs(wildcards):
+    stage = int(wildcards.stage)
+    inputs = {"kept": "data/dedup/kept.txt", "shards": shard_dir(dataset_of("pretrain", wildcards.exp))}
+    if stage > 1:
+        inputs["init"] = f"results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{stage - 1}/checkpoint.pt"
+    return inputs
+
+
+rule pretrain:
+    input:
+        unpack(pretrain_inputs),
+    output:
+        ckpt="results/pretrain/{exp}/s{seed}/stage{stage}/checkpoint.pt",
+        metrics="results/pretrain/{exp}/s{seed}/stage{stage}/metrics.jsonl",
+    params:
+        cfg=params_of("pretrain"),
+        args=franca_args,
+        init=lambda w, input: f"--init {input.init}" if "init" in input.keys() else "",
+    wildcard_constraints:
+        stage=r"\d+",
+        seed=r"\d+",
+    threads: 1
+    resources:
+        **train_resources("pretrain"),
+    log:
+        "logs/pretrain/{exp}/s{seed}/stage{stage}.log",
+    shell:
+        "{TRAIN_LAUNCH} pretrain --stage-index {wildcards.stage} {params.init} "
+        "--out results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{wildcards.stage} {params.args} 2> {log}"

@@ -1,0 +1,51 @@
+# Evaluation features of a frozen checkpoint (cached once, temp), and RASA positional debiasing (spec 5).
+
+
+def eval_shards(wildcards):
+    data = cfg(wildcards.exp)["data"]
+    names = {data["classification"]["dataset"], data["dense"]["dataset"], data["rasa"]["dataset"]}
+    names |= {data["classification"].get("val_dataset")} - {None}
+    return [shard_dir(name) for name in sorted(names)]
+
+
+rule features:
+    input:
+        ckpt=lambda w: checkpoint_path(w.exp, w.seed, w.ckpt),
+        shards=eval_shards,
+    output:
+        features=temp("results/features/{exp}/s{seed}/{ckpt}/features.pt"),
+        pca="results/features/{exp}/s{seed}/{ckpt}/pca.pt",
+    params:
+        cfg=params_of("eval"),
+        rasa=params_of("rasa"),
+        args=franca_args,
+    wildcard_constraints:
+        seed=r"\d+",
+        ckpt="pretrain|highres",
+    threads: 1
+    log:
+        "logs/features/{exp}/s{seed}/{ckpt}.log",
+    shell:
+        "{FRANCA} features --checkpoint {input.ckpt} --ckpt-kind {wildcards.ckpt} "
+        "--out results/features/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
+
+
+rule rasa:
+    input:
+        features="results/features/{exp}/s{seed}/{ckpt}/features.pt",
+        ckpt=lambda w: checkpoint_path(w.exp, w.seed, w.ckpt),
+    output:
+        head="results/rasa/{exp}/s{seed}/{ckpt}/rasa_head.pt",
+        report="results/rasa/{exp}/s{seed}/{ckpt}/report.json",
+    params:
+        cfg=params_of("rasa"),
+        args=franca_args,
+    wildcard_constraints:
+        seed=r"\d+",
+        ckpt="pretrain|highres",
+    threads: 1
+    log:
+        "logs/rasa/{exp}/s{seed}/{ckpt}.log",
+    shell:
+        "{FRANCA} rasa --features {input.features} --checkpoint {input.ckpt} "
+        "--out results/rasa/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
