@@ -25,6 +25,9 @@ _PACKAGES = ("torch", "torchvision", "numpy", "snakemake", "dvc", "mlflow", "hyd
              "faiss-cpu", "scikit-learn", "pillow", "franca-repro")
 
 
+_IGNORED = {".snakemake_timestamp"}  # Snakemake's marker in directory outputs, rewritten after the job
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -38,7 +41,7 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file())
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.name not in _IGNORED)
         elif path.exists():
             out.append(path)
         else:

@@ -1,9 +1,26 @@
-# High-resolution fine-tune (spec 4, stage 2): pos_embed resized offline, backbone-only load, fresh heads.
+# High-resolution fine-tune (spec 4, stage 2): the teacher's pos_embed is resized offline (its own step), then
+# training loads only the backbone into student and teacher, with fresh heads, optimizer and schedules.
+
+
+rule highres_resize:
+    input:
+        lambda w: checkpoint_path(w.exp, w.seed, "pretrain"),
+    output:
+        "results/highres/{exp}/s{seed}/init/teacher_resized.pt",
+    params:
+        cfg=params_of("highres"),
+        args=franca_args,
+    wildcard_constraints:
+        seed=r"\d+",
+    log:
+        "logs/highres/{exp}/s{seed}.resize.log",
+    shell:
+        "{FRANCA} resize-pos-embed --init {input} --out {output} {params.args} 2> {log}"
 
 
 rule highres:
     input:
-        init=lambda w: checkpoint_path(w.exp, w.seed, "pretrain"),
+        init="results/highres/{exp}/s{seed}/init/teacher_resized.pt",
         kept="data/dedup/kept.txt",
         shards=lambda w: shard_dir(dataset_of("highres", w.exp)),
     output:

@@ -1,0 +1,29 @@
+# The two commands of the README:  `make paper` (the tiny paper) and `make test` (the test suite).
+# Both create the pinned environment in .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= all
+
+.PHONY: paper test env lint clean-results
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: envs/requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet -r envs/requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+paper: env
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --profile workflow/profiles/local
+
+test: env
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+
+lint: env
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
+
+clean-results:
+	rm -rf results data work logs mlflow.db mlartifacts .snakemake

@@ -1,0 +1,117 @@
+"""What every stage command shares: config composition from CLI args, the MLflow child run, provenance."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from franca import config as fc
+from franca import provenance, tracking
+
+log = logging.getLogger(__name__)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="tiny | small | paper_* (config/preset/)")
+    parser.add_argument("--experiment", default="franca", help="config/experiment/<name>.yaml")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", action="append", default=[], help="Hydra override key=value (repeatable)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def full_config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = fc.compose(args.preset, args.experiment, args.seed, tuple(args.override))
+    fc.validate(cfg)
+    return cfg
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+@dataclass
+class Job:
+    """A running stage: its MLflow run, and the outputs/extra fields its provenance will record."""
+
+    run: tracking.Run
+    out_dir: Path
+    outputs: list[Path] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.run.log_metrics(metrics, step)
+
+
+@contextlib.contextmanager
+def job(
+    stage: str,
+    args: argparse.Namespace,
+    cfg_slice: Mapping[str, Any],
+    out_dir: str | Path,
+    inputs: Iterable[str | Path],
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[Job]:
+    """Open the child run, yield the Job, then write provenance.json (outputs default to out_dir) and tag the run."""
+    started = time.time()
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and writes provenance
+    if not main_rank:
+        os.environ[tracking.ENV_OFF] = "off"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_tags = {
+        "rule": os.environ.get("FRANCA_RULE", stage),
+        "stage": stage,
+        "preset": getattr(args, "preset", ""),
+        "experiment": getattr(args, "experiment", ""),
+        "seed": str(getattr(args, "seed", "")),
+        "git_commit": provenance.code_version()["git_commit"],
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        **{k: str(v) for k, v in (tags or {}).items()},
+    }
+    name = "/".join(str(v) for v in (stage, *(tags or {}).values()))
+    with tracking.Run(name, params=cfg_slice, tags=all_tags) as run:
+        current = Job(run=run, out_dir=out_dir, inputs=[Path(p) for p in inputs])
+        yield current
+        if not main_rank:
+            return
+        record = provenance.write(
+            out_dir,
+            stage=stage,
+            inputs=current.inputs,
+            outputs=current.outputs or [out_dir],
+            config=cfg_slice,
+            mlflow_run_id=run.run_id,
+            started=started,
+            extra={"tags": all_tags, **current.extra},
+        )
+        run.set_tags(input_hash_tags(provenance.load(record)["inputs"]))
+        run.log_artifact(record)
+        log.info("%s done in %.1f s; provenance %s", stage, time.time() - started, record)
+
+
+def input_hash_tags(inputs: Mapping[str, Mapping]) -> dict[str, str]:
+    """One combined digest of all inputs, plus one tag per input when there are few."""
+    digest = hashlib.sha256("".join(f"{p}:{r['sha256']}\n" for p, r in sorted(inputs.items())).encode()).hexdigest()
+    tags = {"inputs_sha256": digest, "n_inputs": str(len(inputs))}
+    if len(inputs) <= 20:
+        tags.update({f"input_sha256/{p}"[:250]: r["sha256"] for p, r in inputs.items()})
+    return tags
+
+
+def shard_files(dataset_dir: str | Path, split: str) -> list[Path]:
+    files = sorted(Path(dataset_dir).glob(f"{split}-*.tar"))
+    if not files:
+        raise FileNotFoundError(f"no shards for split {split!r} in {dataset_dir}")
+    return files

@@ -1,0 +1,65 @@
+"""Snakemake onstart / onsuccess / onerror: the MLflow parent run and the DVC ledger.
+
+onstart opens the parent run and exports its id, so that every job (local subprocess or SLURM job, which inherits
+the submitting environment) opens its child run under it. onsuccess closes it and records the content hashes of every
+phase in `dvc.lock` with `dvc commit` (Snakemake stays the only scheduler; DVC is the ledger and the remote).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from franca import provenance, tracking
+
+log = logging.getLogger(__name__)
+
+
+def onstart(config: Mapping) -> None:
+    code = provenance.code_version()
+    tags = {
+        "run_name": f"workflow-{config['preset']}",
+        "kind": "workflow",
+        "preset": config["preset"],
+        "experiments": ",".join(config["experiments"]),
+        "git_commit": code["git_commit"],
+        "git_dirty": str(code["dirty"]),
+    }
+    run_id = tracking.open_parent_run(tags)
+    if run_id:
+        os.environ[tracking.ENV_PARENT] = run_id
+        Path(".snakemake").mkdir(exist_ok=True)
+        Path(".snakemake/franca_parent_run").write_text(run_id + "\n")
+        log.info("MLflow parent run %s in %s", run_id, os.environ.get(tracking.ENV_URI, tracking.DEFAULT_URI))
+
+
+def onsuccess(config: Mapping) -> None:
+    tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FINISHED")
+    if config.get("dvc", {}).get("commit_on_success", True) and Path("dvc.yaml").exists() and Path(".dvc").is_dir():
+        dvc_commit()
+        if config.get("dvc", {}).get("push_on_success", False):
+            _dvc("push", "--quiet")
+
+
+def onerror(config: Mapping) -> None:
+    tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FAILED")
+
+
+def dvc_commit() -> None:
+    """Record the hashes of every phase's outputs in dvc.lock and put them in the DVC cache."""
+    import yaml
+
+    for stage in yaml.safe_load(Path("dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs", []):
+            Path(out).mkdir(parents=True, exist_ok=True)  # a phase no experiment ran is recorded as empty
+    _dvc("commit", "--force", "--quiet")
+    log.info("dvc.lock updated")
+
+
+def _dvc(*args: str) -> None:
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed: {result.stderr.strip()}")

@@ -1,0 +1,68 @@
+"""Config composition: presets carry the published recipe, stage slices isolate what each stage depends on."""
+
+import pytest
+
+from franca import config as fc
+
+PAPER = ["paper_vitb14_in21k", "paper_vitl14_in21k", "paper_vitl14_laion", "paper_vitg14_in21k", "paper_vitg14_laion"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", *PAPER])
+@pytest.mark.parametrize("experiment", ["franca", "dinov2", "mrl_only", "cyclic_only", "franca_slice"])
+def test_every_preset_and_experiment_composes_and_validates(preset, experiment):
+    cfg = fc.compose(preset, experiment)
+    fc.validate(cfg)
+    assert cfg["preset_name"] == preset and cfg["experiment_name"] == experiment
+
+
+def test_paper_recipe_follows_training_md():
+    """Spec 1.2 / Q7: 625k iterations, 100k warmup, lr 1e-3 (B) / 3.5e-4 (L, g) after the sqrt scaling rule."""
+    for preset, lr, batch in [("paper_vitb14_in21k", 1e-3, 2048), ("paper_vitl14_in21k", 3.5e-4, 3072),
+                              ("paper_vitg14_laion", 3.5e-4, 3072)]:
+        sc = fc.stage_config(fc.compose(preset, "franca"), "pretrain")
+        global_batch = sc["train"]["batch_size_per_gpu"] * sc["train"]["world_size"]
+        assert global_batch == batch
+        assert sc["optim"]["base_lr"] * (global_batch / 1024) ** 0.5 == pytest.approx(lr, rel=0.02)
+        assert (sc["optim"]["iterations"], sc["optim"]["warmup_iters"]) == (625000, 100000)
+        assert sc["dino"]["head_n_prototypes"] == 131072 and sc["dino"]["head_bottleneck_dim"] == 384
+        assert sc["teacher"]["momentum_teacher"] == 0.994 and sc["optim"]["weight_decay_end"] == 0.2
+    hr = fc.stage_config(fc.compose("paper_vitb14_in21k", "franca"), "highres")
+    assert hr["crops"]["global_crops_size"] == 518 and hr["model"]["img_size"] == 518
+    assert (hr["optim"]["iterations"], hr["optim"]["warmup_iters"]) == (20000, 10000)
+
+
+def test_dinov2_baseline_differs_only_in_heads_and_masking():
+    franca = fc.stage_config(fc.compose("tiny", "franca"), "pretrain")
+    dinov2 = fc.stage_config(fc.compose("tiny", "dinov2"), "pretrain")
+    diff = {k for k in franca if franca[k] != dinov2[k]}
+    assert diff == {"dino", "ibot", "masking", "experiment_name"}
+
+
+def test_stage_slices_are_independent():
+    """Editing an eval key changes the eval slice only; editing the recipe changes pretrain, not eval."""
+    base = fc.compose("tiny", "franca")
+    edited_eval = fc.compose("tiny", "franca", overrides=("eval.knn.temperature=0.1",))
+    edited_optim = fc.compose("tiny", "franca", overrides=("optim.base_lr=0.02",))
+    for stage in ("pretrain", "rasa"):
+        assert fc.stage_config(base, stage) == fc.stage_config(edited_eval, stage)
+    assert fc.stage_config(base, "eval") != fc.stage_config(edited_eval, "eval")
+    assert fc.stage_config(base, "pretrain") != fc.stage_config(edited_optim, "pretrain")
+    assert fc.stage_config(base, "eval") == fc.stage_config(edited_optim, "eval")
+    # orchestration keys never enter a slice
+    edited_run = fc.compose("tiny", "franca", overrides=("run.checkpoint_period=7",))
+    assert all(fc.stage_config(base, s) == fc.stage_config(edited_run, s) for s in ("pretrain", "highres", "eval"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.iterations=-3", "optim.iterations"),
+        ("crops.local_crops_size=18", "crops.local_crops_size"),
+        ("model.ffn_layer=gelu", "model.ffn_layer"),
+        ("optim.iterationz=3", "optim.iterationz"),
+        ("preset=nonexistent", "preset"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_named(override, message):
+    with pytest.raises(fc.ConfigError, match=message.replace(".", r"\.")):
+        fc.validate(fc.compose("tiny", "franca", overrides=(override,)))
