@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 PRIMARY = "franca"
-STAGES = ("pretrain", "highres", "rasa", "eval")
+STAGES = ("pretrain", "highres", "rasa", "features")
+_BENCH_LISTS = ("benchmarks", "dense_benchmarks")
 # Method keys every training stage reads (spec 1-4); `data_key` names the dataset role of the stage.
 _TRAIN_KEYS = ("model", "dino", "ibot", "masking", "crops", "teacher", "optim", "train", "seed", "experiment_name")
 
@@ -81,9 +82,19 @@ def stage_config(cfg: Mapping, stage: str, index: int = 1) -> dict[str, Any]:
         return out
     if stage == "rasa":
         return {"rasa": cfg["rasa"], "data": cfg["data"]["rasa"], "seed": cfg["seed"]}
-    if stage == "eval":
-        return {"eval": cfg["eval"], "data": {k: cfg["data"][k] for k in ("classification", "dense")}}
-    raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if stage == "features":
+        keys = [k for k, v in cfg["eval"].items() if not isinstance(v, Mapping) and k not in _BENCH_LISTS]
+        return {"eval": {k: cfg["eval"][k] for k in keys}, "data": _eval_data(cfg)}
+    if stage.startswith("eval:"):
+        bench = stage.split(":", 1)[1]
+        if bench not in cfg["eval"]["benchmarks"]:
+            raise ConfigError(f"config key eval.benchmarks: no benchmark {bench!r} (have {cfg['eval']['benchmarks']})")
+        return {"eval": {bench: cfg["eval"].get(bench, {})}, "data": _eval_data(cfg)}
+    raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES} or eval:<benchmark>")
+
+
+def _eval_data(cfg: Mapping) -> dict[str, Any]:
+    return {k: cfg["data"][k] for k in ("classification", "dense")}
 
 
 def dataset_config(cfg: Mapping, name: str) -> dict[str, Any]:

@@ -43,14 +43,14 @@ def test_stage_slices_are_independent():
     base = fc.compose("tiny", "franca")
     edited_eval = fc.compose("tiny", "franca", overrides=("eval.knn.temperature=0.1",))
     edited_optim = fc.compose("tiny", "franca", overrides=("optim.base_lr=0.02",))
-    for stage in ("pretrain", "rasa"):
+    for stage in ("pretrain", "rasa", "features", "eval:linear"):
         assert fc.stage_config(base, stage) == fc.stage_config(edited_eval, stage)
-    assert fc.stage_config(base, "eval") != fc.stage_config(edited_eval, "eval")
+    assert fc.stage_config(base, "eval:knn") != fc.stage_config(edited_eval, "eval:knn")
     assert fc.stage_config(base, "pretrain") != fc.stage_config(edited_optim, "pretrain")
-    assert fc.stage_config(base, "eval") == fc.stage_config(edited_optim, "eval")
+    assert fc.stage_config(base, "eval:knn") == fc.stage_config(edited_optim, "eval:knn")
     # orchestration keys never enter a slice
     edited_run = fc.compose("tiny", "franca", overrides=("run.checkpoint_period=7",))
-    assert all(fc.stage_config(base, s) == fc.stage_config(edited_run, s) for s in ("pretrain", "highres", "eval"))
+    assert all(fc.stage_config(base, s) == fc.stage_config(edited_run, s) for s in ("pretrain", "highres", "features"))
 
 
 @pytest.mark.parametrize(

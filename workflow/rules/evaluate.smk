@@ -22,7 +22,7 @@ rule evaluate:
     output:
         "results/eval/{exp}/s{seed}/{ckpt}/{bench}.json",
     params:
-        cfg=params_of("eval"),
+        cfg=lambda w: fc.canonical_json(fc.stage_config(cfg(w.exp, w.seed), f"eval:{w.bench}")),
         args=franca_args,
         rasa=lambda w, input: f"--rasa-head {input.rasa}" if "rasa" in input.keys() else "",
     wildcard_constraints:

@@ -16,8 +16,7 @@ rule features:
         features=temp("results/features/{exp}/s{seed}/{ckpt}/features.pt"),
         pca="results/features/{exp}/s{seed}/{ckpt}/pca.pt",
     params:
-        cfg=params_of("eval"),
-        rasa=params_of("rasa"),
+        cfg=params_of("features"),
         args=franca_args,
     wildcard_constraints:
         seed=r"\d+",
