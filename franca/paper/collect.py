@@ -1,0 +1,389 @@
+"""Read a workflow run's results tree into tidy pandas frames (the `paper` rule, issue 2 item 8, issue 5 item 4).
+
+The layout is the one of ``docs/interfaces.md`` ("Workflow layout"):
+
+* ``results/eval/{exp}/s{seed}/{ckpt}/{bench}[_rasa].json``: eval JSON ``{benchmark, checkpoint, rasa, metrics,
+  details}``;
+* ``results/rasa/{exp}/s{seed}/{ckpt}/report.json``: per-round rows ``r2_x, r2_pos, r2_no_pos, cos_no_pos_x``;
+* ``results/pretrain/{exp}/s{seed}/stage{i}/metrics.jsonl`` and ``results/highres/{exp}/s{seed}/metrics.jsonl``;
+* ``provenance.json`` beside every artifact.
+
+Every frame carries the path of the file each number came from, so that the tables can link each cell to its
+sources (``SourceIndex``). Paths are POSIX strings relative to the project root (the parent of ``results/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = ("pretrain", "highres")
+RASA_FIELDS = ("r2_x", "r2_pos", "r2_no_pos", "cos_no_pos_x")
+# names franca.rasa.report writes for the same quantities
+_RASA_ALIASES = {"r2_pos": "r2_x_pos", "r2_no_pos": "r2_x_no_pos", "cos_no_pos_x": "cos_x_no_pos_x"}
+
+
+class PaperInputError(ValueError):
+    """A results file the paper stage reads is malformed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One entry of ``config.yaml: experiments`` (name -> {seeds, highres, rasa})."""
+
+    name: str
+    seeds: tuple[int, ...]
+    highres: bool = False
+    rasa: bool = False
+
+    @property
+    def checkpoints(self) -> tuple[str, ...]:
+        return CHECKPOINTS if self.highres else CHECKPOINTS[:1]
+
+
+def parse_experiments(experiments: Mapping) -> list[ExperimentSpec]:
+    """``{name: {seeds, highres, rasa}}`` (a dict or an OmegaConf node) -> specs, in config order."""
+    specs = []
+    for name, entry in experiments.items():
+        if "seeds" not in entry:
+            raise PaperInputError(f"experiments.{name}: missing key 'seeds'")
+        seeds = tuple(int(s) for s in entry["seeds"])
+        specs.append(
+            ExperimentSpec(str(name), seeds, bool(entry.get("highres", False)), bool(entry.get("rasa", False)))
+        )
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------- io helpers
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (never a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the paper is meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PaperInputError(f"{path}: malformed {what}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------- provenance
+@dataclass
+class SourceIndex:
+    """Hashes every file the paper reads (once) and finds the ``provenance.json`` that describes it."""
+
+    root: Path
+    records: dict[str, dict] = field(default_factory=dict)
+    _cache: dict[Path, dict] = field(default_factory=dict, repr=False)
+
+    def rel(self, path: Path) -> str:
+        path = Path(path).resolve()
+        try:
+            return path.relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def add(self, path: Path) -> str:
+        """Register ``path``; returns its key (relative path). Records sha256, MLflow run id, git commit."""
+        key = self.rel(path)
+        if key in self.records:
+            return key
+        sha = sha256_file(path)
+        record = {
+            "path": key,
+            "sha256": sha,
+            "provenance": None,
+            "mlflow_run_id": None,
+            "git_commit": None,
+            "dirty": None,
+            "stage": None,
+        }
+        found = self._find_provenance(Path(path), key)
+        if found is not None:
+            prov_path, prov = found
+            code = prov.get("code") or {}
+            record.update(
+                provenance=self.rel(prov_path),
+                mlflow_run_id=prov.get("mlflow_run_id"),
+                git_commit=code.get("git_commit"),
+                dirty=code.get("dirty"),
+                stage=prov.get("stage"),
+            )
+            listed = _listed_hash(prov.get("outputs") or {}, key)
+            if listed is not None and listed != sha:
+                log.warning("%s: sha256 differs from the one recorded in %s", key, record["provenance"])
+                record["note"] = f"sha256 differs from {record['provenance']}"
+        self.records[key] = record
+        return key
+
+    def _load(self, prov_path: Path) -> dict:
+        if prov_path not in self._cache:
+            prov = read_json(prov_path, "provenance.json")
+            if not isinstance(prov, dict):
+                raise PaperInputError(f"{prov_path}: malformed provenance.json: expected an object")
+            self._cache[prov_path] = prov
+        return self._cache[prov_path]
+
+    def _find_provenance(self, path: Path, key: str) -> tuple[Path, dict] | None:
+        """A per-file record (``{stem}.provenance.json``), else the nearest ``provenance.json`` listing ``path`` as
+        an output (its directory, then the parents up to the root), else the one in its own directory."""
+        for cand in (path.parent / f"{path.stem}.provenance.json", path.parent / f"{path.stem}_provenance.json"):
+            if cand.is_file():
+                return cand, self._load(cand)
+        path, fallback = path.resolve(), None
+        for directory in path.parents:
+            cand = directory / "provenance.json"
+            if cand.is_file() and cand != path:
+                prov = self._load(cand)
+                if _listed_hash(prov.get("outputs") or {}, key) is not None:
+                    return cand, prov
+                if directory == path.parent:
+                    fallback = (cand, prov)
+            if directory == self.root.resolve():
+                break
+        return fallback
+
+
+def _listed_hash(outputs: Mapping, key: str) -> str | None:
+    """sha256 recorded for ``key`` in a provenance ``outputs`` map ({path: sha256 or {sha256, size, mtime_ns}})."""
+    for out_path, entry in outputs.items():
+        out = str(out_path).replace("\\", "/")
+        if out == key or out.endswith("/" + key) or key.endswith("/" + out):
+            sha = entry.get("sha256") if isinstance(entry, Mapping) else entry
+            return sha if isinstance(sha, str) else None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- evaluations
+def load_eval_json(path: Path) -> dict:
+    """One eval JSON, validated: ``metrics`` must map names to finite-or-NaN numbers."""
+    data = read_json(path, "eval JSON")
+    if not isinstance(data, dict):
+        raise PaperInputError(f"{path}: malformed eval JSON: expected an object, got {type(data).__name__}")
+    metrics = data.get("metrics")
+    if not isinstance(metrics, dict):
+        raise PaperInputError(f"{path}: malformed eval JSON: key 'metrics' missing or not an object")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PaperInputError(f"{path}: malformed eval JSON: metrics.{name} is not a number ({value!r})")
+    if not isinstance(data.get("details", {}), dict):
+        raise PaperInputError(f"{path}: malformed eval JSON: key 'details' is not an object")
+    return data
+
+
+def _is_eval_file(path: Path) -> bool:
+    return path.suffix == ".json" and "provenance" not in path.name
+
+
+def collect_evals(results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex) -> pd.DataFrame:
+    """Every eval JSON of the configured experiments as tidy rows.
+
+    Columns: exp, seed, ckpt, benchmark, rasa, metric, value, source. One row per metric; ``details`` of each file
+    are kept in ``frame.attrs["details"][source]`` (overclustering needs the number of classes).
+    """
+    rows, details = [], {}
+    for spec in specs:
+        for seed in spec.seeds:
+            for ckpt in CHECKPOINTS:
+                folder = Path(results_dir) / "eval" / spec.name / f"s{seed}" / ckpt
+                if not folder.is_dir():
+                    continue
+                for path in sorted(p for p in folder.iterdir() if _is_eval_file(p)):
+                    data = load_eval_json(path)
+                    stem_rasa = path.stem.endswith("_rasa")
+                    bench = str(data.get("benchmark") or (path.stem[: -len("_rasa")] if stem_rasa else path.stem))
+                    rasa = bool(data.get("rasa", stem_rasa))
+                    key = sources.add(path)
+                    details[key] = data.get("details", {})
+                    for metric, value in data["metrics"].items():
+                        rows.append((spec.name, seed, ckpt, bench, rasa, str(metric), float(value), key))
+    frame = pd.DataFrame(rows, columns=["exp", "seed", "ckpt", "benchmark", "rasa", "metric", "value", "source"])
+    frame.attrs["details"] = details
+    return frame
+
+
+# ----------------------------------------------------------------------------------------------- RASA reports
+def _rasa_rounds(data: object, path: Path) -> list[dict]:
+    rounds = data.get("rounds") if isinstance(data, dict) else data
+    if not isinstance(rounds, list):
+        raise PaperInputError(f"{path}: malformed RASA report: expected a list of rounds (or {{'rounds': [...]}})")
+    for i, row in enumerate(rounds):
+        if not isinstance(row, dict):
+            raise PaperInputError(f"{path}: malformed RASA report: round {i} is not an object")
+    return rounds
+
+
+def collect_rasa(results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex) -> pd.DataFrame:
+    """Per-round RASA rows. Columns: exp, seed, ckpt, round, r2_x, r2_pos, r2_no_pos, cos_no_pos_x, source."""
+    rows = []
+    for spec in specs:
+        for seed in spec.seeds:
+            for ckpt in CHECKPOINTS:
+                path = Path(results_dir) / "rasa" / spec.name / f"s{seed}" / ckpt / "report.json"
+                if not path.is_file():
+                    continue
+                rounds = _rasa_rounds(read_json(path, "RASA report"), path)
+                key = sources.add(path)
+                for i, row in enumerate(rounds):
+                    values = []
+                    for name in RASA_FIELDS:
+                        value = row.get(name, row.get(_RASA_ALIASES.get(name, name), math.nan))
+                        if isinstance(value, bool) or not isinstance(value, int | float):
+                            raise PaperInputError(f"{path}: malformed RASA report: round {i} {name}={value!r}")
+                        values.append(float(value))
+                    rows.append((spec.name, seed, ckpt, int(row.get("round", i)), *values, key))
+    return pd.DataFrame(rows, columns=["exp", "seed", "ckpt", "round", *RASA_FIELDS, "source"])
+
+
+# ----------------------------------------------------------------------------------------------- training logs
+_STAGE = re.compile(r"^stage(\d+)$")
+_ITER_KEYS = ("iteration", "iter", "step")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PaperInputError(f"{path}:{lineno}: malformed metrics.jsonl line: {err}") from err
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _training_phases(results_dir: Path, exp: str, seed: int) -> list[tuple[str, Path]]:
+    """(phase name, metrics.jsonl) in training order: pretrain stage1..n, then highres."""
+    phases = []
+    base = Path(results_dir) / "pretrain" / exp / f"s{seed}"
+    if base.is_dir():
+        stages = sorted((int(m.group(1)), p) for p in base.iterdir() if (m := _STAGE.match(p.name)))
+        phases += [(p.name, p / "metrics.jsonl") for _, p in stages if (p / "metrics.jsonl").is_file()]
+    highres = Path(results_dir) / "highres" / exp / f"s{seed}" / "metrics.jsonl"
+    if highres.is_file():
+        phases.append(("highres", highres))
+    return phases
+
+
+def collect_training(results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex) -> pd.DataFrame:
+    """Loss terms over iterations. Columns: exp, seed, phase, iteration (global), term, value, source.
+
+    A term is every numeric key whose name contains ``loss``. When a phase restarts its iteration counter, its
+    iterations are offset so that the x axis stays monotone across phases.
+    """
+    rows = []
+    for spec in specs:
+        for seed in spec.seeds:
+            offset = 0
+            for phase, path in _training_phases(results_dir, spec.name, seed):
+                records = _read_jsonl(path)
+                key = sources.add(path)
+                iters = [_iteration(r, i) for i, r in enumerate(records)]
+                if iters and min(iters) < offset:  # counter restarted in this phase
+                    iters = [it + offset for it in iters]
+                for it, rec in zip(iters, records, strict=True):
+                    for term, value in rec.items():
+                        if "loss" in term and isinstance(value, int | float) and not isinstance(value, bool):
+                            rows.append((spec.name, seed, phase, it, term, float(value), key))
+                offset = max(iters, default=offset)
+    return pd.DataFrame(rows, columns=["exp", "seed", "phase", "iteration", "term", "value", "source"])
+
+
+def _iteration(record: dict, index: int) -> int:
+    for name in _ITER_KEYS:
+        if isinstance(record.get(name), int | float):
+            return int(record[name])
+    return index
+
+
+# ----------------------------------------------------------------------------------------------- other inputs
+def masking_setup(results_dir: Path, specs: list[ExperimentSpec]) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Patch grid and mask ratio range of the run, from a pretrain stage's resolved config; else the paper's."""
+    for spec in sorted(specs, key=lambda s: s.name != "franca"):
+        for prov in sorted((Path(results_dir) / "pretrain" / spec.name).glob("s*/stage*/provenance.json")):
+            prov_data = read_json(prov, "provenance.json")
+            cfg = prov_data.get("config") if isinstance(prov_data, dict) else None
+            try:
+                side = int(cfg["crops"]["global_crops_size"]) // int(cfg["model"]["patch_size"])
+                lo, hi = (float(x) for x in cfg["ibot"]["mask_ratio_min_max"])
+                return (side, side), (lo, hi)
+            except (KeyError, TypeError, ValueError):
+                continue  # not a pretrain config; try the next
+    return (16, 16), (0.1, 0.5)  # 224 px / patch 14; DINOv2's mask_ratio_min_max
+
+
+def load_pca_entries(
+    results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex, notes: list[str]
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[str]]:
+    """(label, images (n,H,W,3) uint8, patch tokens (n,h,w,D)) from each experiment's first-seed features cache."""
+    import torch  # only this reader needs it
+
+    entries, used = [], []
+    for spec in specs:
+        seed = spec.seeds[0]
+        for ckpt in spec.checkpoints:
+            path = Path(results_dir) / "features" / spec.name / f"s{seed}" / ckpt / "features.pt"
+            if not path.is_file():
+                notes.append(f"PCA maps: no features cache for {spec.name} s{seed} {ckpt}")
+                continue
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable cache is reported with its path
+                raise PaperInputError(f"{path}: cannot load features cache: {err}") from err
+            if not isinstance(data, dict) or not {"pca_images", "pca_patch_tokens"} <= set(data):
+                notes.append(f"PCA maps: {sources.rel(path)} has no 'pca_images'/'pca_patch_tokens'")
+                continue
+            images, tokens = (_as_numpy(data[k], torch) for k in ("pca_images", "pca_patch_tokens"))
+            if images.ndim != 4 or images.shape[-1] != 3 or tokens.ndim != 4 or len(images) != len(tokens):
+                raise PaperInputError(
+                    f"{path}: pca_images must be (n,H,W,3) and pca_patch_tokens (n,h,w,D), got "
+                    f"{images.shape} and {tokens.shape}"
+                )
+            entries.append((f"{spec.name} s{seed}\n{ckpt}", images, tokens))
+            used.append(sources.add(path))
+    return entries, used
+
+
+def _as_numpy(value: object, torch_module) -> np.ndarray:
+    """A tensor (any dtype, bf16 included) or array as NumPy; uint8 stays uint8, floats become float32."""
+    if isinstance(value, torch_module.Tensor):
+        value = value.detach().cpu()
+        return value.numpy() if value.dtype == torch_module.uint8 else value.float().numpy()
+    array = np.asarray(value)
+    return array if array.dtype == np.uint8 else array.astype(np.float32)

@@ -1,0 +1,363 @@
+"""The paper's tables (issue 2 item 8, issue 5 items 4-5): main results, ablation grid, RASA rounds, reference.
+
+Every value cell is a ``Cell`` that keeps its per-seed values' mean, std and count and the files it came from, so
+that CSV, Markdown, LaTeX, ``index.html`` and ``numbers.json`` all show the same number with the same provenance.
+Aggregation over seeds: mean and sample standard deviation (ddof = 1; undefined for one seed, shown as "n=1").
+Accuracies and mIoU are shown in percent: a benchmark whose metrics all lie in [0, 1] is taken as fractions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from franca.paper.collect import RASA_FIELDS, ExperimentSpec
+
+# ablation grid (issue 5 item 4): experiment name -> row label; the first is the baseline of every delta
+ABLATION_VARIANTS = (
+    ("dinov2", "DINOv2 baseline"),
+    ("mrl_only", "+MRL"),
+    ("cyclic_only", "+CyclicMask"),
+    ("franca", "Franca"),
+)
+_DECIMALS = {"pct": 1, "r2": 3, "cos": 3, "ref": 1}
+_OVERCLUSTER_K = re.compile(r"^miou_k(\d+)$")
+_PCT_METRIC = re.compile(r"^(top|miou|acc)")
+
+
+@dataclass
+class Cell:
+    """One value of a table: the aggregate of per-seed numbers and their source files."""
+
+    kind: str = "pct"  # pct | r2 | cos | ref | delta-pct | delta-r2
+    values: list[float] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    mean: float | None = None
+    std: float | None = None
+    note: str = ""
+    anchor: str = ""
+
+    @classmethod
+    def of(cls, kind: str, values: Sequence[float], sources: Sequence[str]) -> Cell:
+        vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+        cell = cls(kind, vals, list(dict.fromkeys(sources)))
+        if vals:
+            cell.mean = float(np.mean(vals))
+            cell.std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        return cell
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def decimals(self) -> int:
+        return _DECIMALS.get(self.kind.removeprefix("delta-"), 1)
+
+    @property
+    def text(self) -> str:
+        if self.mean is None:
+            return ""
+        d = self.decimals
+        if self.kind.startswith("delta-"):
+            return f"{self.mean:+.{d}f}"
+        if self.kind == "ref":
+            return f"{self.mean:.{d}f}"
+        spread = f" ± {self.std:.{d}f}" if self.std is not None else ""
+        return f"{self.mean:.{d}f}{spread} (n={self.n})"
+
+
+@dataclass
+class Table:
+    """Rows of (labels, cells) under ``index`` label headers and ``columns`` value headers."""
+
+    name: str
+    title: str
+    caption: str
+    index: list[str]
+    columns: list[tuple[str, str]]  # (csv key, display label)
+    rows: list[tuple[list[str], list[Cell], str]] = field(default_factory=list)  # labels, cells, row note
+
+    def add(self, labels: Sequence[str], cells: Sequence[Cell], note: str = "") -> None:
+        i = len(self.rows)
+        for j, cell in enumerate(cells):
+            cell.anchor = f"{self.name}-r{i}-c{j}"
+        self.rows.append(([str(x) for x in labels], list(cells), note))
+
+
+# ----------------------------------------------------------------------------------------------- metric lookup
+@dataclass(frozen=True)
+class MetricColumn:
+    """A table column read from one benchmark's eval JSON; ``pick`` finds the metric in its ``metrics`` dict."""
+
+    key: str
+    label: str
+    benchmark: str
+    pick: Callable[[Mapping[str, float], Mapping], float | None]
+    kind: str = "pct"
+
+
+def _first_of(*names: str) -> Callable[[Mapping[str, float], Mapping], float | None]:
+    def pick(metrics: Mapping[str, float], details: Mapping) -> float | None:
+        return next((metrics[n] for n in names if n in metrics), None)
+
+    return pick
+
+
+def _overcluster(which: str) -> Callable[[Mapping[str, float], Mapping], float | None]:
+    """``miou_k{K}``: K = C (the class count from details when given, else the smallest K) or the largest K."""
+
+    def pick(metrics: Mapping[str, float], details: Mapping) -> float | None:
+        ks = {int(m.group(1)): v for name, v in metrics.items() if (m := _OVERCLUSTER_K.match(name))}
+        if not ks:
+            return None
+        if which == "max":
+            return ks[max(ks)]
+        n_classes = details.get("n_classes", details.get("num_classes"))
+        return ks.get(int(n_classes), ks[min(ks)]) if isinstance(n_classes, int) else ks[min(ks)]
+
+    return pick
+
+
+KNN_TOP1 = MetricColumn("knn_top1", "k-NN top-1 (k=20)", "knn", _first_of("top1_k20", "top1"))
+LINEAR_TOP1 = MetricColumn("linear_top1", "linear top-1 (val-sel.)", "linear", _first_of("top1", "top1_val"))
+HUMMINGBIRD = MetricColumn("hummingbird_miou", "Hummingbird mIoU", "hummingbird", _first_of("miou"))
+LINSEG = MetricColumn("linseg_miou", "linear-seg mIoU", "linseg", _first_of("miou"))
+DENSE_COLUMNS = (
+    HUMMINGBIRD,
+    LINSEG,
+    MetricColumn("overcluster_miou_kc", "overcluster mIoU (K=C)", "overcluster", _overcluster("c")),
+    MetricColumn("overcluster_miou_kmax", "overcluster mIoU (max K)", "overcluster", _overcluster("max")),
+    MetricColumn("position_r2", "position R^2", "position", _first_of("r2"), kind="r2"),
+)
+MAIN_COLUMNS = (
+    KNN_TOP1,
+    MetricColumn("knn_top5", "k-NN top-5 (k=20)", "knn", _first_of("top5_k20", "top5")),
+    LINEAR_TOP1,
+    MetricColumn(
+        "linear_top1_holdout",
+        "linear top-1 (hold-out-sel.)",
+        "linear",
+        _first_of("top1_holdout", "top1_holdout_selected", "holdout_top1"),
+    ),
+    MetricColumn("logreg_top1", "logreg top-1", "logreg", _first_of("top1")),
+    *DENSE_COLUMNS,
+)
+
+
+class EvalLookup:
+    """Per-file metrics of the eval frame, keyed (exp, seed, ckpt, benchmark, rasa)."""
+
+    def __init__(self, evals: pd.DataFrame) -> None:
+        self.details: Mapping[str, Mapping] = evals.attrs.get("details", {})
+        self.files: dict[tuple, tuple[dict[str, float], str]] = {}
+        for key, group in evals.groupby(["exp", "seed", "ckpt", "benchmark", "rasa"], sort=False):
+            self.files[tuple(key)] = (dict(zip(group["metric"], group["value"], strict=True)), group["source"].iloc[0])
+        # percent scaling per benchmark: fractions when every accuracy/mIoU metric lies in [0, 1]
+        pct = evals[evals["metric"].str.match(_PCT_METRIC)]
+        self.scale = {b: (100.0 if g["value"].abs().max() <= 1.0 else 1.0) for b, g in pct.groupby("benchmark")}
+
+    def cell(self, col: MetricColumn, exp: str, seeds: Sequence[int], ckpt: str, rasa: bool) -> tuple[Cell, list]:
+        """Aggregate ``col`` over ``seeds``; returns the cell and the seeds whose file or metric is missing."""
+        values, sources, missing = [], [], []
+        for seed in seeds:
+            found = self.files.get((exp, seed, ckpt, col.benchmark, rasa))
+            value = col.pick(found[0], self.details.get(found[1], {})) if found else None
+            if value is None:
+                missing.append(seed)
+                continue
+            scale = self.scale.get(col.benchmark, 1.0) if col.kind == "pct" else 1.0
+            values.append(value * scale)
+            sources.append(found[1])
+        return Cell.of(col.kind, values, sources), missing
+
+
+def _missing_note(col: MetricColumn, missing: Sequence[int], rasa: bool = False) -> str:
+    tag = f"{col.benchmark}{'_rasa' if rasa else ''}"
+    return f"{tag} missing for seed(s) {', '.join(map(str, missing))}" if missing else ""
+
+
+def _join(notes: Sequence[str]) -> str:
+    return "; ".join(dict.fromkeys(n for n in notes if n))
+
+
+# ----------------------------------------------------------------------------------------------- builders
+def main_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
+    """One row per experiment x checkpoint; dense metrics without RASA (RASA is in the ablation table)."""
+    table = Table(
+        "main",
+        "Main results",
+        "Mean ± std over seeds (n seeds). Dense metrics on patch tokens without RASA.",
+        ["experiment", "checkpoint"],
+        [(c.key, c.label) for c in MAIN_COLUMNS],
+    )
+    for spec in specs:
+        for ckpt in ("pretrain", "highres"):
+            if ckpt not in spec.checkpoints:
+                table.add([spec.name, ckpt], [Cell(c.kind) for c in MAIN_COLUMNS], "highres: false for this experiment")
+                continue
+            cells, notes = [], []
+            for col in MAIN_COLUMNS:
+                cell, missing = lookup.cell(col, spec.name, spec.seeds, ckpt, False)
+                cells.append(cell)
+                notes.append(_missing_note(col, missing))
+            table.add([spec.name, ckpt], cells, _join(notes))
+    return table
+
+
+def ablation_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
+    """{baseline, +MRL, +CyclicMask, Franca} x {no RASA, RASA} on the dense metrics, delta vs the baseline.
+
+    The baseline of every delta is the DINOv2 baseline without RASA at the same checkpoint.
+    """
+    by_name = {s.name: s for s in specs}
+    columns = []
+    for col in DENSE_COLUMNS:
+        columns += [(col.key, col.label), (f"{col.key}_delta", "Δ")]
+    table = Table(
+        "ablation",
+        "Ablation",
+        "Dense metrics, mean ± std over seeds; Δ = difference of means to the "
+        "DINOv2 baseline without RASA at the same checkpoint.",
+        ["checkpoint", "variant", "RASA"],
+        columns,
+    )
+    ckpts = ["pretrain"] + (["highres"] if any(s.highres for s in specs) else [])
+    for ckpt in ckpts:
+        base_spec = by_name.get(ABLATION_VARIANTS[0][0])
+        base = {}
+        if base_spec is not None and ckpt in base_spec.checkpoints:
+            base = {c.key: lookup.cell(c, base_spec.name, base_spec.seeds, ckpt, False)[0] for c in DENSE_COLUMNS}
+        for name, label in ABLATION_VARIANTS:
+            for rasa in (False, True):
+                table.add(
+                    [ckpt, label, "yes" if rasa else "no"], *_ablation_row(by_name.get(name), ckpt, rasa, lookup, base)
+                )
+    return table
+
+
+def _ablation_row(spec, ckpt, rasa, lookup, base) -> tuple[list[Cell], str]:
+    empty = [Cell(k) for c in DENSE_COLUMNS for k in (c.kind, f"delta-{c.kind}")]
+    if spec is None:
+        return empty, "experiment not configured"
+    if ckpt not in spec.checkpoints:
+        return empty, "highres: false for this experiment"
+    if rasa and not spec.rasa:
+        return empty, "rasa: false for this experiment"
+    cells, notes = [], []
+    for col in DENSE_COLUMNS:
+        cell, missing = lookup.cell(col, spec.name, spec.seeds, ckpt, rasa)
+        notes.append(_missing_note(col, missing, rasa))
+        ref = base.get(col.key)
+        delta = Cell(f"delta-{col.kind}")
+        if ref is not None and ref.mean is not None and cell.mean is not None:
+            delta.mean, delta.values = cell.mean - ref.mean, [cell.mean - ref.mean]
+            delta.sources = list(dict.fromkeys(cell.sources + ref.sources))
+        cells += [cell, delta]
+    if spec.name == ABLATION_VARIANTS[0][0] and not rasa:
+        notes.insert(0, "baseline of Δ")
+    return cells, _join(notes)
+
+
+def rasa_table(specs: Sequence[ExperimentSpec], rasa: pd.DataFrame) -> Table:
+    """Per round: position R^2 from x, x_pos and x_no_pos, and cos(x_no_pos, x); mean ± std over seeds."""
+    labels = {
+        "r2_x": "R^2 (x)",
+        "r2_pos": "R^2 (x_pos)",
+        "r2_no_pos": "R^2 (x_no_pos)",
+        "cos_no_pos_x": "cos(x_no_pos, x)",
+    }
+    table = Table(
+        "rasa",
+        "RASA rounds",
+        "Position decodability per RASA round (linear probe R^2) and cosine "
+        "similarity of the debiased tokens to the original ones; mean ± std over seeds.",
+        ["experiment", "checkpoint", "round"],
+        [(f, labels[f]) for f in RASA_FIELDS],
+    )
+    for spec in specs:
+        for ckpt in spec.checkpoints:
+            if not spec.rasa:
+                table.add([spec.name, ckpt, ""], [Cell("r2") for _ in RASA_FIELDS], "rasa: false for this experiment")
+                continue
+            sub = rasa[(rasa["exp"] == spec.name) & (rasa["ckpt"] == ckpt)]
+            if sub.empty:
+                table.add([spec.name, ckpt, ""], [Cell("r2") for _ in RASA_FIELDS], "RASA report missing")
+                continue
+            for rnd, group in sub.groupby("round", sort=True):
+                cells = [
+                    Cell.of("cos" if f.startswith("cos") else "r2", group[f].tolist(), group["source"].tolist())
+                    for f in RASA_FIELDS
+                ]
+                absent = sorted(set(spec.seeds) - set(group["seed"]))
+                table.add(
+                    [spec.name, ckpt, str(rnd)],
+                    cells,
+                    f"report missing for seed(s) {', '.join(map(str, absent))}" if absent else "",
+                )
+    return table
+
+
+def reference_table(
+    preset: str,
+    reference: Mapping | None,
+    reference_key: str | None,
+    specs: Sequence[ExperimentSpec],
+    lookup: EvalLookup,
+) -> Table:
+    """Ours beside the published README numbers (spec 8.1) for a paper preset; else the list of paper presets."""
+    presets = dict((reference or {}).get("presets", {}))
+    if preset not in presets:
+        table = Table(
+            "reference",
+            "Published reference",
+            f"Reference numbers apply to the paper presets only; this run used preset '{preset}'."
+            if presets or not preset.startswith("paper_")
+            else f"No reference file was given for the paper preset '{preset}'.",
+            ["preset", "model", "data", "res"],
+            [],
+        )
+        for name, entry in presets.items():
+            table.add([name, entry.get("model", ""), entry.get("data", ""), entry.get("res", "")], [])
+        return table
+    entry = presets[preset]
+    franca = next((s for s in specs if s.name == "franca"), None)
+    ckpt = "highres" if franca and franca.highres and int(entry.get("res", 224)) > 224 else "pretrain"
+    columns = [
+        ("ours", f"ours (franca, {ckpt})"),
+        ("published_v1", "published (v1.0.0 README)"),
+        ("published_later", "published (later README)"),
+        ("delta_later", "Δ vs later"),
+    ]
+    table = Table(
+        "reference",
+        "Published reference",
+        f"{entry.get('model')} {entry.get('data')} at "
+        f"{entry.get('res')} px; source: {(reference or {}).get('source', '')}.",
+        ["metric"],
+        columns,
+    )
+    rows = (
+        (KNN_TOP1, "knn_v1", "knn_later"),
+        (LINEAR_TOP1, "linear_v1", "linear_later"),
+        (HUMMINGBIRD, "hummingbird_voc", "hummingbird_voc"),
+        (LINSEG, "linseg_ade20k", "linseg_ade20k"),
+    )
+    for col, v1, later in rows:
+        ours, missing = lookup.cell(col, "franca", franca.seeds, ckpt, False) if franca else (Cell(), [])
+        refs = [
+            Cell.of("ref", [entry[k]], [reference_key] if reference_key else []) if k in entry else Cell("ref")
+            for k in (v1, later)
+        ]
+        delta = Cell("delta-pct")
+        if ours.mean is not None and refs[1].mean is not None:
+            delta.mean, delta.values = ours.mean - refs[1].mean, [ours.mean - refs[1].mean]
+            delta.sources = ours.sources + refs[1].sources
+        note = "experiment franca not configured" if franca is None else _missing_note(col, missing)
+        table.add([col.label], [ours, *refs, delta], note)
+    return table
