@@ -1,0 +1,74 @@
+"""Linear probe (7.2) and logistic regression (7.3): separable -> 100%, random -> chance, the grid's bookkeeping."""
+
+import numpy as np
+import pytest
+import torch
+from eval_synth import binomial_bound, random_features, separable
+
+from franca.eval.linear import LINEAR_LRS, create_linear_input, linear_probe
+from franca.eval.logreg import c_grid, logreg_eval
+
+
+def _linear_feats(x, y, blocks=2, seed=0):
+    """Wrap (n, D) features as linear-probe inputs: the class signal in the last block's CLS and patch mean."""
+    g = torch.Generator().manual_seed(seed)
+    earlier = torch.randn(x.shape[0], blocks - 1, x.shape[1], generator=g)
+    return {"cls_tokens": torch.cat([earlier, x[:, None]], dim=1), "patch_mean": x + 0.01, "labels": y}
+
+
+def test_create_linear_input_layout():
+    feats = {"cls_tokens": torch.arange(2 * 3 * 2.0).reshape(2, 3, 2), "patch_mean": torch.full((2, 2), -1.0)}
+    x = create_linear_input(feats, 2, True)
+    assert x.shape == (2, 6)
+    torch.testing.assert_close(x[0], torch.tensor([2.0, 3.0, 4.0, 5.0, -1.0, -1.0]))  # blocks 1, 2 then avgpool
+
+
+def test_separable_classes_reach_100_percent_with_both_selections():
+    torch.set_num_threads(1)
+    train = _linear_feats(*separable(30, 4, seed=0))
+    val = _linear_feats(*separable(20, 4, seed=1), seed=1)
+    res = linear_probe(train, val, test=val, epochs=5, batch_size=32)
+    m = res["metrics"]
+    assert m["top1"] == 1.0 and m["top1_holdout_selected"] == 1.0 and m["test_top1_val_selected"] == 1.0
+    # n_last_blocks {1, 4} clipped to the 2 blocks available: 2 x 2 x 13 cells
+    assert len(res["details"]["val"]) == 2 * 2 * len(LINEAR_LRS)
+    assert any(name.startswith("blocks2_") for name in res["details"]["val"])
+
+
+def test_random_features_hold_out_selection_stays_at_chance():
+    torch.set_num_threads(1)
+    train = _linear_feats(*random_features(400, 4, seed=0))
+    val = _linear_feats(*random_features(600, 4, seed=1), seed=1)
+    res = linear_probe(train, val, epochs=3, batch_size=64, lrs=(1e-3, 1e-2, 0.1))
+    m = res["metrics"]
+    assert abs(m["top1_holdout_selected"] - 0.25) < binomial_bound(600, 0.25), m
+    assert m["top1"] >= m["top1_holdout_selected"]  # selecting on val can only look better on val
+    assert m["top1"] < 0.25 + binomial_bound(600, 0.25) + 0.05  # max of 12 correlated cells: a small optimism
+
+
+def test_logreg_grid_and_known_answers():
+    grid = c_grid()
+    assert len(grid) == 45 and grid[0] == pytest.approx(1e-6) and grid[-1] == pytest.approx(1e5)
+    tr_x, tr_y = separable(20, 3, seed=0)
+    va_x, va_y = separable(20, 3, seed=1)
+    res = logreg_eval(tr_x, tr_y, va_x, va_y, n_c=6)
+    assert res["metrics"]["top1"] == 1.0 and res["metrics"]["mean_per_class"] == 1.0
+    assert len(res["details"]["selection_top1"]) == 6
+    # the weakest C (1e-6) cannot separate; the selected C is a stronger one
+    assert res["metrics"]["best_c"] > 1e-6
+
+    tr_x, tr_y = random_features(300, 3, seed=2)
+    va_x, va_y = random_features(600, 3, seed=3)
+    res = logreg_eval(tr_x, tr_y, va_x, va_y, n_c=4, finetune_on_val=True)
+    assert abs(res["metrics"]["top1"] - 1 / 3) < binomial_bound(600, 1 / 3) + 0.02
+    assert res["details"]["selected_on"] == "val"
+
+
+def test_logreg_refit_uses_all_train_with_the_selected_c():
+    tr_x, tr_y = random_features(80, 2, dim=4, seed=5)
+    va_x, va_y = random_features(50, 2, dim=4, seed=6)
+    res = logreg_eval(tr_x, tr_y, va_x, va_y, n_c=3)
+    from sklearn.linear_model import LogisticRegression
+
+    ref = LogisticRegression(C=res["metrics"]["best_c"], max_iter=1000, tol=1e-12).fit(tr_x.double(), tr_y)
+    assert res["metrics"]["top1"] == pytest.approx(np.mean(ref.predict(va_x.double()) == va_y.numpy()))
