@@ -31,7 +31,7 @@ class AuditReport:
 def audit(path: str | Path) -> AuditReport:
     """Verify the provenance chain of `path` (an artifact or a provenance.json); problems are collected."""
     path = Path(path)
-    record = path if path.name == provenance.FILENAME else provenance.find_record(path)
+    record = path if provenance.is_record(path) else provenance.find_record(path)
     report = AuditReport()
     if record is None:
         report.problems.append(f"{path}: no provenance.json lists it as an output")

@@ -67,9 +67,17 @@ def file_record(path: Path, known: Mapping[str, Mapping] | None = None) -> dict[
     return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def is_record(path: str | Path) -> bool:
+    return Path(path).name == FILENAME or Path(path).name.endswith("." + FILENAME)
+
+
 def find_record(path: str | Path) -> Path | None:
-    """The provenance.json that lists `path` as an output: looked up in its directory and the parents."""
+    """The provenance record that lists `path` as an output: `<stem>.provenance.json` beside it, else the
+    provenance.json of its directory or of a parent."""
     target = rel(path)
+    own = Path(path).resolve().parent / f"{Path(path).stem}.{FILENAME}"
+    if own.is_file() and target in load(own).get("outputs", {}):
+        return own
     for directory in [Path(path).resolve().parent, *Path(path).resolve().parents]:
         candidate = directory / FILENAME
         if candidate.is_file() and target in load(candidate).get("outputs", {}):
@@ -127,14 +135,16 @@ def write(
     mlflow_run_id: str | None,
     started: float,
     extra: Mapping[str, Any] | None = None,
+    name: str = FILENAME,
 ) -> Path:
-    """Write `out_dir/provenance.json` atomically and return its path."""
+    """Write `out_dir/<name>` atomically (`provenance.json`, or `<stem>.provenance.json` for one of several jobs
+    sharing a directory) and return its path."""
     input_files = expand(inputs)
     known = _known_hashes(input_files)
     record = {
         "stage": stage,
         "inputs": {rel(p): file_record(p, known) for p in input_files},
-        "outputs": {rel(p): file_record(p) for p in expand(outputs) if p.name != FILENAME},
+        "outputs": {rel(p): file_record(p) for p in expand(outputs) if not is_record(p)},
         "config": dict(config),
         "code": code_version(),
         "packages": packages(),
@@ -146,7 +156,7 @@ def write(
         "wall_time_s": round(time.time() - started, 3),
         **(dict(extra) if extra else {}),
     }
-    path = Path(out_dir) / FILENAME
+    path = Path(out_dir) / name
     atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=str))
     return path
 

@@ -34,7 +34,7 @@ def dvc_pull(remote: str | None = None) -> None:
 def records(roots: list[str | Path]) -> dict[str, dict]:
     found = {}
     for root in map(Path, roots):
-        for path in sorted(root.rglob(provenance.FILENAME)) if root.exists() else []:
+        for path in sorted(root.rglob("*" + provenance.FILENAME)) if root.exists() else []:
             found[provenance.rel(path)] = provenance.load(path)
     return found
 

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-HELP = {"audit": "verify the provenance chain of an artifact back to its sources"}
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:

@@ -62,6 +62,7 @@ def job(
     out_dir: str | Path,
     inputs: Iterable[str | Path],
     tags: Mapping[str, Any] | None = None,
+    record: str = provenance.FILENAME,
 ) -> Iterator[Job]:
     """Open the child run, yield the Job, then write provenance.json (outputs default to out_dir) and tag the run."""
     started = time.time()
@@ -95,6 +96,7 @@ def job(
             mlflow_run_id=run.run_id,
             started=started,
             extra={"tags": all_tags, **current.extra},
+            name=record,
         )
         run.set_tags(input_hash_tags(provenance.load(record)["inputs"]))
         run.log_artifact(record)

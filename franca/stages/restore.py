@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = {"restore": "after cloning: dvc pull, verify hashes, set file times so that snakemake -n has nothing to do"}
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:

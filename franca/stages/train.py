@@ -8,11 +8,6 @@ from pathlib import Path
 
 from franca.stages.common import add_config_args, full_config, job, set_threads, shard_files
 
-HELP = {
-    "pretrain": "SSL pretraining stage (spec 2-4, stage 1); resumes from work/ckpt/ when killed",
-    "resize-pos-embed": "offline step of the high-res fine-tune: teacher pos_embed resized to the new grid",
-    "highres": "high-resolution fine-tune from a resized checkpoint (spec 4, stage 2)",
-}
 KEPT = Path("data/dedup/kept.txt")
 
 

@@ -4,6 +4,7 @@ import shlex
 
 from franca import config as fc
 from franca import workflow_hooks as hooks
+from franca.plan import rule_resources
 
 PRESET = config["preset"]
 OVERRIDES = tuple(config.get("overrides", []))
@@ -30,7 +31,7 @@ DENSE = set(BASE["eval"]["dense_benchmarks"])
 
 def train_resources(stage):
     """Per-rule resources from the stage config (GPUs, nodes, runtime...): used by the SLURM profile."""
-    return fc.rule_resources(fc.stage_config(BASE, stage))
+    return rule_resources(fc.stage_config(BASE, stage), stage)
 
 
 def train_launcher(stage):

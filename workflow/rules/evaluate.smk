@@ -1,37 +1,63 @@
-# Evaluations (spec 7), one job per benchmark x checkpoint, on the cached features. Dense benchmarks also run with
-# the checkpoint's RASA head when the experiment has RASA enabled.
-
-
-def eval_inputs(wildcards):
-    inputs = {"features": f"results/features/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt}/features.pt"}
-    if wildcards.bench in DENSE and EXPERIMENTS[wildcards.exp]["rasa"]:
-        inputs["rasa"] = f"results/rasa/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt}/rasa_head.pt"
-    return inputs
+# Evaluations (spec 7) on the cached features of a checkpoint: every benchmark writes its own JSON and provenance
+# record; one job runs all benchmarks of a checkpoint (one process start, not one per benchmark), and a second one
+# the dense benchmarks with the checkpoint's RASA head when the experiment has RASA enabled. The params hold each
+# benchmark's config slice, so editing one benchmark's YAML reruns the jobs that contain it.
 
 
 def eval_outputs(exp, seed, ckpt):
-    out = []
-    for bench in BENCHMARKS:
-        out.append(f"results/eval/{exp}/s{seed}/{ckpt}/{bench}.json")
+    out = [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}.json" for bench in BENCHMARKS]
+    if EXPERIMENTS[exp]["rasa"]:
+        out += [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}_rasa.json" for bench in DENSE_LIST]
     return out
+
+
+def eval_params(benches):
+    def get(wildcards):
+        full = cfg(wildcards.exp, wildcards.seed)
+        return fc.canonical_json({b: fc.stage_config(full, f"eval:{b}") for b in benches})
+
+    return get
+
+
+DENSE_LIST = [bench for bench in BENCHMARKS if bench in DENSE]
 
 
 rule evaluate:
     input:
-        unpack(eval_inputs),
+        features="results/features/{exp}/s{seed}/{ckpt}/features.pt",
     output:
-        "results/eval/{exp}/s{seed}/{ckpt}/{bench}.json",
+        expand("results/eval/{{exp}}/s{{seed}}/{{ckpt}}/{bench}.json", bench=BENCHMARKS),
     params:
-        cfg=lambda w: fc.canonical_json(fc.stage_config(cfg(w.exp, w.seed), f"eval:{w.bench}")),
+        cfg=eval_params(BENCHMARKS),
         args=franca_args,
-        rasa=lambda w, input: f"--rasa-head {input.rasa}" if "rasa" in input.keys() else "",
+        benches=" ".join(BENCHMARKS),
     wildcard_constraints:
         seed=r"\d+",
         ckpt="pretrain|highres",
-        bench="|".join(BENCHMARKS),
     threads: 1
     log:
-        "logs/eval/{exp}/s{seed}/{ckpt}/{bench}.log",
+        "logs/eval/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "{FRANCA} eval {wildcards.bench} --features {input.features} {params.rasa} --out {output} "
-        "{params.args} 2> {log}"
+        "{FRANCA} eval {params.benches} --features {input.features} "
+        "--out-dir results/eval/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
+
+
+rule evaluate_rasa:
+    input:
+        features="results/features/{exp}/s{seed}/{ckpt}/features.pt",
+        head="results/rasa/{exp}/s{seed}/{ckpt}/rasa_head.pt",
+    output:
+        expand("results/eval/{{exp}}/s{{seed}}/{{ckpt}}/{bench}_rasa.json", bench=DENSE_LIST),
+    params:
+        cfg=eval_params(DENSE_LIST),
+        args=franca_args,
+        benches=" ".join(DENSE_LIST),
+    wildcard_constraints:
+        seed=r"\d+",
+        ckpt="pretrain|highres",
+    threads: 1
+    log:
+        "logs/eval/{exp}/s{seed}/{ckpt}.rasa.log",
+    shell:
+        "{FRANCA} eval {params.benches} --features {input.features} --rasa-head {input.head} "
+        "--out-dir results/eval/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"

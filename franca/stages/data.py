@@ -1,0 +1,116 @@
+"""`franca data fetch | shard | dedup`: the data phases (franca/data) with tracking and provenance.
+
+fetch acquires raw bytes (generated for the tiny preset, downloaded from a URL table, or ingested from a folder or
+ImageNet-21K tars) into `data/<ds>/raw/<split>/`; shard rewrites them into canonical shards plus the manifest;
+dedup decides which training samples are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from franca.stages.common import add_config_args, full_config, job
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True)
+    fetch = sub.add_parser("fetch", help="generate / download / ingest a dataset into raw shards")
+    fetch.add_argument("--dataset", required=True)
+    fetch.add_argument("--out", required=True)
+    shard = sub.add_parser("shard", help="canonical shards + manifest from raw shards")
+    shard.add_argument("--dataset", required=True)
+    shard.add_argument("--raw", required=True)
+    shard.add_argument("--out", required=True)
+    shard.add_argument("--workers", type=int, default=1)
+    dedup = sub.add_parser("dedup", help="exact, near and eval-copy duplicates -> kept keys, report, data card")
+    dedup.add_argument("--out", required=True)
+    for child, func in ((fetch, run_fetch), (shard, run_shard), (dedup, run_dedup)):
+        add_config_args(child)
+        child.set_defaults(func=func)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from franca import config as fc
+
+    ds = fc.dataset_config(full_config(args), args.dataset)
+    out = Path(args.out)
+    external = [p for p in (ds.get("url_list"), ds.get("root")) if p]
+    with job("fetch", args, ds, out, inputs=external, tags={"dataset": args.dataset}) as current:
+        summary = _acquire(ds, out)
+        current.extra["fetch_report"] = summary
+        current.extra["sources"] = [{"dataset": args.dataset, "source": ds["source"],
+                                     "location": ds.get("url_list") or ds.get("root") or "generated",
+                                     "license": ds.get("license", "unknown")}]
+    return 0
+
+
+def _acquire(ds: dict, out: Path) -> dict:
+    source = ds["source"]
+    if source == "synth":
+        from franca.data import synthetic
+
+        tmp = out / "_generated"
+        summary = synthetic.generate(
+            tmp, seed=ds["seed"], n_train=ds["n_train"], n_val=ds["n_val"], n_test=ds["n_test"],
+            image_size=ds["image_size"], n_classes=ds["n_classes"], shard_size=ds["shard_size"],
+            position_bias=ds["position_bias"],
+        )
+        for tar in sorted((tmp / "shards").glob("*.tar")):  # raw/<split>/<split>-%06d.tar
+            split = tar.name.split("-")[0]
+            (out / split).mkdir(parents=True, exist_ok=True)
+            tar.rename(out / split / tar.name)
+        shutil.rmtree(tmp)
+        return {k: v for k, v in summary.items() if k not in ("out_dir", "manifest")}
+    if source == "urls":
+        from franca.data.fetch import fetch_urls
+
+        keys = ("url_col", "caption_col", "timeout", "retries", "resize_max_side", "reencode", "concurrency")
+        return fetch_urls(ds["url_list"], out / "train", shard_size=ds["shard_size"],
+                          **{k: ds[k] for k in keys if k in ds})
+    if source in ("folder", "in21k_tars"):
+        from franca.data import sources
+
+        ingest = sources.ingest_folder if source == "folder" else sources.ingest_imagenet21k_tars
+        return ingest(ds["root"], out / "train", shard_size=ds["shard_size"])
+    raise ValueError(f"data.datasets: unknown source {source!r} (synth | urls | folder | in21k_tars)")
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    from franca import config as fc
+    from franca.data.manifest import canonicalise
+
+    ds = fc.dataset_config(full_config(args), args.dataset)
+    raw, out = Path(args.raw), Path(args.out)
+    splits = {d.name: [d] for d in sorted(raw.iterdir()) if d.is_dir() and any(d.glob("*.tar"))}
+    if not splits:
+        raise FileNotFoundError(f"{raw}: no raw shards in any split directory")
+    with job("shard", args, ds, out, inputs=[raw], tags={"dataset": args.dataset}) as current:
+        summary = canonicalise(splits, out, workers=args.workers, default_license=ds.get("license"))
+        current.outputs = [out / "shards", out / "manifest.parquet"]
+        current.extra["shard_summary"] = summary
+    return 0
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    from franca.data.datacard import write_datacard
+    from franca.data.dedup import deduplicate
+
+    cfg = full_config(args)
+    dd = cfg["data"]["dedup"]
+    out = Path(args.out)
+    train_ds, train_split = dd["train"].split(":")
+    eval_refs = [ref.split(":") for ref in dd["eval"]]
+    manifests = sorted({f"data/{name}/manifest.parquet" for name, _ in [(train_ds, train_split), *eval_refs]})
+    with job("dedup", args, dd, out, inputs=manifests, tags={"train": dd["train"]}) as current:
+        report = deduplicate(
+            f"data/{train_ds}/manifest.parquet", train_split,
+            [(f"data/{name}/manifest.parquet", split) for name, split in eval_refs], out,
+            hamming_threshold=dd["hamming_threshold"], eval_hamming_threshold=dd["eval_hamming_threshold"],
+            descriptor=dd.get("descriptor", "phash"),
+        )
+        write_datacard(manifests, out / "report.json", out / "datacard.md")
+        current.extra["dedup"] = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
+        current.extra["dedup"]["removed"] = report.get("removed_by_reason") or report.get("counts")
+    return 0

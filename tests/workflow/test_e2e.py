@@ -1,0 +1,159 @@
+"""The tiny paper end to end: a real Snakemake run, a real MLflow store, a real DVC repo and remote.
+
+One module-scoped run in a copy of the repository; the tests then check reruns, tracking, audit, DVC restore and
+config rejection against it. Slow (minutes on 2 cores); CI runs it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@127.0.0.1", "-c", "init.defaultBranch=main"]
+
+
+def sh(cmd: list[str], cwd: Path, timeout: int = 1500, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "FRANCA_PROGRESS": "0"}
+    env.pop("FRANCA_TRACKING", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def copy_repo(dest: Path) -> Path:
+    files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    sh([*GIT, "init", "-q"], dest)
+    sh([*GIT, "add", "-A"], dest)
+    sh([*GIT, "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def dry_run_jobs(repo: Path, *extra: str) -> dict[str, int]:
+    out = sh(["snakemake", "-n", "--cores", "2", *extra], repo).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    start = time.time()
+    result = sh(["snakemake", "--cores", "2", "--profile", "workflow/profiles/local"], repo, timeout=1800)
+    return {"repo": repo, "wall_s": time.time() - start, "log": result.stderr}
+
+
+def test_paper_is_built_from_this_run(run):
+    repo = run["repo"]
+    print(f"tiny workflow wall time: {run['wall_s']:.0f} s")
+    assert (repo / "results/paper/index.html").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(repo / "results/paper/main.csv")))
+    assert {r["experiment"] for r in rows} >= {"franca", "dinov2"}
+    numeric = [v for r in rows for k, v in r.items() if k not in ("experiment", "checkpoint", "n_seeds") and v]
+    assert numeric and all(re.match(r"^-?\d", v) for v in numeric)
+    assert (repo / "dvc.lock").exists()
+
+
+def test_clean_tree_reruns_nothing(run):
+    assert dry_run_jobs(run["repo"]) == {}
+
+
+def test_one_yaml_edit_reruns_only_affected_stages(run):
+    repo = run["repo"]
+    path = repo / "config/eval/tiny.yaml"
+    original = path.read_text()
+    try:
+        path.write_text(original.replace("temperature: 0.07", "temperature: 0.1"))
+        jobs = dry_run_jobs(repo)
+    finally:
+        path.write_text(original)
+    n_ckpts = sum(len(s["seeds"]) * (2 if s["highres"] else 1) for s in _experiments(repo).values())
+    assert jobs == {"evaluate": n_ckpts, "paper": 1}  # evaluate_rasa (dense only) untouched
+
+
+def test_mlflow_parent_with_one_child_per_job(run):
+    repo = run["repo"]
+    os.environ["MLFLOW_SQLALCHEMYSTORE_POOLCLASS"] = "NullPool"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("franca-repro")
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = [r for r in runs if r.data.tags.get("kind") == "workflow"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    n_jobs = sum(len(list((repo / d).rglob("*provenance.json"))) for d in ("data", "results"))
+    assert len(children) == n_jobs
+    pretrain = [r for r in children if r.data.tags.get("rule") == "pretrain"]
+    assert pretrain and all("git_commit" in r.data.tags and "inputs_sha256" in r.data.tags for r in pretrain)
+    history = client.get_metric_history(pretrain[0].info.run_id, "loss")
+    assert len(history) > 5
+
+
+def test_audit_verifies_and_catches_tampering(run):
+    repo = run["repo"]
+    ok = sh(["franca", "audit", "results/paper/main.csv"], repo)
+    assert "fetch" in ok.stdout and "sources" in ok.stdout
+    ckpt = repo / "results/pretrain/franca/s0/stage1/checkpoint.pt"
+    original = ckpt.read_bytes()
+    try:
+        ckpt.write_bytes(original[:-8] + b"tampered")
+        bad = sh(["franca", "audit", "results/paper/main.csv"], repo, check=False)
+    finally:
+        ckpt.write_bytes(original)
+    assert bad.returncode == 1 and "results/pretrain/franca/s0/stage1/checkpoint.pt" in bad.stderr
+
+
+def test_dvc_pull_in_fresh_clone_restores_without_recompute(run, tmp_path):
+    repo = run["repo"]
+    remote = tmp_path / "remote"
+    sh(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], repo)
+    sh(["dvc", "push", "--quiet"], repo)
+    sh([*GIT, "add", "dvc.lock", ".gitignore"], repo, check=False)
+    sh([*GIT, "commit", "-qm", "record dvc.lock"], repo)
+    fresh = tmp_path / "fresh"
+    sh([*GIT, "clone", "-q", str(repo), str(fresh)], tmp_path)
+    sh(["dvc", "remote", "modify", "--local", "local", "url", str(remote)], fresh)
+    sh(["franca", "restore"], fresh)
+    for path in (repo / "results/paper").rglob("*"):
+        if path.is_file():
+            assert (fresh / path.relative_to(repo)).read_bytes() == path.read_bytes(), path
+    assert dry_run_jobs(fresh) == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [("preset=bogus", "preset"), ('overrides=["optim.iterations=-1"]', "optim.iterations")],
+)
+def test_bad_config_rejected_before_any_job(run, config, needle):
+    repo = run["repo"]
+    state = lambda: sorted((str(p), p.stat().st_mtime_ns) for p in (repo / "results").rglob("*"))  # noqa: E731
+    before = state()
+    result = sh(["snakemake", "--cores", "2", "--config", config], repo, check=False)
+    assert result.returncode != 0 and needle in result.stderr + result.stdout
+    assert "Job stats" not in result.stdout + result.stderr
+    assert state() == before
+
+
+def _experiments(repo: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((repo / "config/config.yaml").read_text())["experiments"]
