@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,18 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 PRIMARY = "franca"
+
+
+def config_dir() -> Path:
+    """FRANCA_CONFIG_DIR, else ./config of the workflow being run, else the one beside the package."""
+    if os.environ.get("FRANCA_CONFIG_DIR"):
+        return Path(os.environ["FRANCA_CONFIG_DIR"]).resolve()
+    local = Path.cwd() / "config"
+    return local.resolve() if (local / f"{PRIMARY}.yaml").exists() else Path(__file__).resolve().parent.parent / "config"
+
+
+
 STAGES = ("pretrain", "highres", "rasa", "features")
 _BENCH_LISTS = ("benchmarks", "dense_benchmarks")
 # Method keys every training stage reads (spec 1-4); `data_key` names the dataset role of the stage.
@@ -34,15 +45,15 @@ class ConfigError(ValueError):
 
 def compose(preset: str, experiment: str, seed: int = 0, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Full resolved config (plain dict) for one preset x experiment x seed."""
-    return copy.deepcopy(_compose_cached(preset, experiment, int(seed), tuple(overrides)))
+    return copy.deepcopy(_compose_cached(str(config_dir()), preset, experiment, int(seed), tuple(overrides)))
 
 
 @functools.lru_cache(maxsize=256)
-def _compose_cached(preset: str, experiment: str, seed: int, overrides: tuple[str, ...]) -> dict[str, Any]:
+def _compose_cached(cdir: str, preset: str, experiment: str, seed: int, overrides: tuple[str, ...]) -> dict[str, Any]:
     args = [f"preset={preset}", f"experiment={experiment}", f"seed={seed}", *overrides]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=cdir, version_base="1.3"):
             cfg = hydra_compose(config_name=PRIMARY, overrides=args)
     except Exception as err:  # hydra raises several types; all mean a bad override or group option
         raise ConfigError(f"cannot compose config with overrides {args}: {err}") from err
@@ -120,7 +131,7 @@ def canonical_json(obj: Any) -> str:
 
 def stage_args(preset: str, experiment: str, seed: int, overrides: Sequence[str]) -> list[str]:
     """Command-line arguments that make a `franca` stage compose the same config as the workflow."""
-    args = ["--preset", preset, "--experiment", experiment, "--seed", str(seed)]
+    args = ["--preset", preset, "--experiment", experiment, "--seed", str(seed), "--threads", "1"]
     for override in overrides:
         args += ["--override", override]
     return args
@@ -131,7 +142,7 @@ def validate(cfg: Mapping) -> None:
     import jsonschema
     import yaml
 
-    schema = yaml.safe_load((CONFIG_DIR.parent / "workflow" / "schemas" / "method.schema.yaml").read_text())
+    schema = yaml.safe_load((config_dir().parent / "workflow" / "schemas" / "method.schema.yaml").read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         where = ".".join(str(p) for p in errors[0].absolute_path) or "<root>"

@@ -16,6 +16,7 @@ Parameter names contain ``last_layer`` for every prototype layer, so the freeze-
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -54,6 +55,7 @@ class MRLDINOHead(nn.Module):
         mode: str = "projection",
         normalize_bottleneck: bool = False,
         act_after_bottleneck: bool = True,
+        init_std: float | str = 0.02,
     ) -> None:
         super().__init__()
         if mode not in MRL_MODES:
@@ -75,7 +77,7 @@ class MRLDINOHead(nn.Module):
         self.mlps = nn.ModuleList(
             build_head_mlp(nlayers, d, hidden_dim, bottleneck_dim, act_after_bottleneck) for d in self.nesting_list
         )
-        self.apply(init_linear_trunc_normal)
+        self.apply(functools.partial(init_linear_trunc_normal, std=init_std))
         self.last_layers = nn.ModuleList(WeightNormLinear(bottleneck_dim, k) for k in self.out_dims)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -105,12 +105,16 @@ def run_dedup(args: argparse.Namespace) -> int:
     manifests = sorted({f"data/{name}/manifest.parquet" for name, _ in [(train_ds, train_split), *eval_refs]})
     with job("dedup", args, dd, out, inputs=manifests, tags={"train": dd["train"]}) as current:
         report = deduplicate(
-            f"data/{train_ds}/manifest.parquet", train_split,
-            [(f"data/{name}/manifest.parquet", split) for name, split in eval_refs], out,
-            hamming_threshold=dd["hamming_threshold"], eval_hamming_threshold=dd["eval_hamming_threshold"],
+            f"data/{train_ds}/manifest.parquet",
+            sorted({f"data/{name}/manifest.parquet" for name, _ in eval_refs}),
+            out,
+            hamming_threshold=dd["hamming_threshold"],
+            eval_hamming_threshold=dd["eval_hamming_threshold"],
             descriptor=dd.get("descriptor", "phash"),
+            train_split=train_split,
+            eval_splits=sorted({split for _, split in eval_refs}),
         )
         write_datacard(manifests, out / "report.json", out / "datacard.md")
-        current.extra["dedup"] = {k: v for k, v in report.items() if not isinstance(v, list | dict)}
-        current.extra["dedup"]["removed"] = report.get("removed_by_reason") or report.get("counts")
+        current.extra["dedup"] = {k: v for k, v in report.items() if not isinstance(v, list | dict)}  # counts
+        current.extra["dedup"]["removed_by_reason"] = report["removed"]
     return 0

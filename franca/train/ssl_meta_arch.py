@@ -71,6 +71,7 @@ def build_head(section: Mapping, embed_dim: int, mrl: bool, fallback: Mapping | 
         "hidden_dim": int(section.get("head_hidden_dim", 2048)),
         "bottleneck_dim": int(section.get("head_bottleneck_dim", 256)),
         "nlayers": int(section.get("head_nlayers", 3)),
+        "init_std": get("head_init_std", 0.02),  # 0.02 as coded; "fan_in" for tiny widths (tiny preset)
     }
     if not mrl:
         return DINOHead(**args)

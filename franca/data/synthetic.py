@@ -1,0 +1,252 @@
+"""Procedural "shapes" dataset for the ``tiny`` preset (spec 10 "Data for small scale", issue 4 item 1).
+
+Each image: a textured background (1/f noise mixing two random colours), 1..``max_objects`` objects drawn one over
+the other, each of a class ``c`` = (shape ``c % 6``, hue ``c / C``, stripe orientation ``45 deg * (c // 6)``), and
+a per-pixel mask (class id + 1 on object pixels, 0 on background; 255 is never used here). The label is the class
+of the dominant object: the one with most visible pixels after occlusion (ties: the primary object wins).
+
+Position bias knob ``position_bias = b`` in [0, 1]:
+  * with probability ``b`` the first object (the large "primary") is centred near its class anchor (anchors on a
+    circle of radius ``0.25 S`` around the centre, angle ``2 pi c / C``), otherwise uniformly;
+  * the background gets an additive vertical luminance ramp of amplitude ``b * gradient_strength``.
+Both make absolute position linearly decodable from patch tokens, which is what RASA removes.
+
+Determinism: chunk ``j`` of split ``s`` draws from ``default_rng([seed, s, j])`` (chunks of 64 images, so the
+bytes do not depend on ``shard_size``), PNGs are written with fixed settings and tars by ``AtomicTarWriter``.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from franca.data.manifest import make_manifest, write_parquet_atomic
+from franca.data.phash import colour_layout, phash_image, phash_to_hex
+from franca.data.shards import ShardWriter
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SHAPES", "SPLITS", "class_names", "class_colours", "pink_noise", "render_batch", "generate"]
+
+SHAPES = ("disk", "square", "diamond", "triangle", "cross", "ellipse")
+SPLITS = ("train", "val", "test")
+_CHUNK = 64  # images per RNG chunk (fixes the bytes independently of shard_size)
+_PNG = {"format": "PNG", "compress_level": 1, "optimize": False}
+
+
+def class_colours(n_classes: int) -> np.ndarray:
+    """(C, 3) float RGB in [0, 1]: evenly spaced hues, saturation 0.85, value 0.95."""
+    return np.array([colorsys.hsv_to_rgb(c / n_classes, 0.85, 0.95) for c in range(n_classes)])
+
+
+def class_names(n_classes: int) -> list[str]:
+    """``<shape>_h<hue index>`` per class, e.g. ``disk_h0``."""
+    return [f"{SHAPES[c % len(SHAPES)]}_h{c}" for c in range(n_classes)]
+
+
+def pink_noise(rng: np.random.Generator, n: int, size: int, exponent: float = 1.5) -> np.ndarray:
+    """(n, size, size) noise with amplitude spectrum ``1 / f^exponent``, each image scaled to [0, 1]."""
+    white = rng.standard_normal((n, size, size))
+    f = np.sqrt(np.fft.fftfreq(size)[:, None] ** 2 + np.fft.rfftfreq(size)[None, :] ** 2)  # (S, S//2+1)
+    f[0, 0] = 1.0
+    field = np.fft.irfft2(np.fft.rfft2(white) / f**exponent, s=(size, size))  # (n, S, S)
+    lo, hi = field.min(axis=(1, 2), keepdims=True), field.max(axis=(1, 2), keepdims=True)
+    return (field - lo) / np.maximum(hi - lo, 1e-12)
+
+
+def shape_masks(shape: np.ndarray, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """(B, H, W) bool: pixels inside shape ``SHAPES[shape[b]]`` of radius ``r[b]``.
+
+    Args:
+        shape: (B,) int shape ids; dx, dy: (B, H, W) offsets from the centres; r: (B,) radii (pixels).
+    """
+    out = np.zeros(dx.shape, dtype=bool)
+    for s in np.unique(shape % len(SHAPES)).tolist():
+        idx = np.flatnonzero(shape % len(SHAPES) == s)
+        x, y, rr = dx[idx], dy[idx], r[idx, None, None]
+        ax, ay = np.abs(x), np.abs(y)
+        if s == 0:  # disk
+            inside = x**2 + y**2 <= rr**2
+        elif s == 1:  # square, half side 0.8 r
+            inside = np.maximum(ax, ay) <= 0.8 * rr
+        elif s == 2:  # diamond
+            inside = ax + ay <= rr
+        elif s == 3:  # upward triangle: apex at dy = -r, base at dy = r / 2
+            inside = (y >= -rr) & (y <= 0.5 * rr) & (ax <= 0.58 * (y + rr))
+        elif s == 4:  # cross, arm half width 0.3 r
+            inside = ((ax <= 0.3 * rr) & (ay <= rr)) | ((ay <= 0.3 * rr) & (ax <= rr))
+        else:  # horizontal ellipse, semi-axes r and r / 2
+            inside = (x / rr) ** 2 + (y / (0.5 * rr)) ** 2 <= 1.0
+        out[idx] = inside
+    return out
+
+
+def _draw_objects(rng, n, n_classes, size, max_objects, position_bias) -> list[dict[str, np.ndarray]]:
+    """Per draw slot k: arrays of length n (class, shape, cx, cy, r, active). Slot 0 is the primary object."""
+    n_obj = rng.integers(1, max_objects + 1, size=n)
+    anchors = 0.5 * size + 0.25 * size * np.stack(
+        [np.cos(2 * np.pi * np.arange(n_classes) / n_classes), np.sin(2 * np.pi * np.arange(n_classes) / n_classes)]
+    )  # (2, C)
+    slots = []
+    for k in range(max_objects):
+        cls = rng.integers(0, n_classes, size=n)
+        r = size * (rng.uniform(0.16, 0.24, size=n) if k == 0 else rng.uniform(0.07, 0.13, size=n))
+        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        if k == 0:
+            biased = rng.random(n) < position_bias
+            jitter = rng.normal(0.0, 0.05 * size, size=(2, n))
+            cx = np.where(biased, np.clip(anchors[0, cls] + jitter[0], r, size - r), cx)
+            cy = np.where(biased, np.clip(anchors[1, cls] + jitter[1], r, size - r), cy)
+        slots.append({"cls": cls, "shape": cls % len(SHAPES), "cx": cx, "cy": cy, "r": r, "active": k < n_obj})
+    return slots
+
+
+def render_batch(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    n_classes: int,
+    size: int,
+    max_objects: int = 3,
+    position_bias: float = 0.5,
+    gradient_strength: float = 0.35,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[dict[str, Any]]]]:
+    """Render ``n`` images.
+
+    Returns:
+        images (n, S, S, 3) uint8, masks (n, S, S) uint8, labels (n,) int64, and per image the drawn objects
+        (draw order; the last one is on top) with class, shape, centre and radius in pixels.
+    """
+    colours = class_colours(n_classes)  # (C, 3)
+    noise = pink_noise(rng, n, size)[..., None]  # (n, S, S, 1)
+    c0, c1 = rng.uniform(0.1, 0.7, size=(n, 1, 1, 3)), rng.uniform(0.1, 0.7, size=(n, 1, 1, 3))
+    image = (c0 * (1 - noise) + c1 * noise).astype(np.float32)  # (n, S, S, 3)
+    ramp = (np.arange(size) + 0.5) / size - 0.5  # (S,), top -> bottom
+    image = image + np.float32(position_bias * gradient_strength) * ramp[None, :, None, None].astype(np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
+    mask = np.zeros((n, size, size), dtype=np.uint8)
+    owner = np.full((n, size, size), -1, dtype=np.int8)  # draw slot visible at each pixel
+    slots = _draw_objects(rng, n, n_classes, size, max_objects, position_bias)
+    draw_order = list(range(1, max_objects)) + [0]  # secondaries first, the primary on top
+    for k in draw_order:
+        s = slots[k]
+        dx, dy = xx[None] - s["cx"][:, None, None], yy[None] - s["cy"][:, None, None]
+        inside = shape_masks(s["shape"], dx, dy, s["r"]) & s["active"][:, None, None]
+        b, y, x = np.nonzero(inside)  # object pixels only: P = len(b)
+        theta = np.pi / 4 * (s["cls"][b] // len(SHAPES))
+        phase = (x + 0.5 - s["cx"][b]) * np.cos(theta) + (y + 0.5 - s["cy"][b]) * np.sin(theta)
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * phase / 4.0)  # (P,), period 4 px
+        shade = rng.uniform(0.9, 1.0, size=n)[b] * (0.8 + 0.2 * stripes)  # (P,)
+        image[b, y, x] = (colours[s["cls"][b]] * shade[:, None]).astype(np.float32)
+        mask[b, y, x] = (s["cls"][b] + 1).astype(np.uint8)
+        owner[inside] = k
+    visible = np.stack([(owner == k).sum(axis=(1, 2)) for k in range(max_objects)], axis=1)  # (n, K)
+    dominant = np.argmax(visible, axis=1)  # first maximal slot wins ties
+    labels = np.stack([s["cls"] for s in slots], axis=1)[np.arange(n), dominant]
+    objects = [
+        [
+            {
+                "class": int(slots[k]["cls"][i]),
+                "shape": SHAPES[int(slots[k]["shape"][i])],
+                "cx": float(slots[k]["cx"][i]),
+                "cy": float(slots[k]["cy"][i]),
+                "r": float(slots[k]["r"][i]),
+                "visible_pixels": int(visible[i, k]),
+            }
+            for k in draw_order
+            if slots[k]["active"][i]
+        ]
+        for i in range(n)
+    ]
+    images = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+    return images, mask, labels.astype(np.int64), objects
+
+
+def _record(png: bytes, image: np.ndarray) -> dict[str, Any]:
+    """Manifest columns of a generated PNG, from the pixels (the same values ``image_record`` gives on the bytes)."""
+    pil = Image.fromarray(image)
+    record = {"bytes": len(png), "sha256": hashlib.sha256(png).hexdigest(), "phash": phash_to_hex(phash_image(pil))}
+    record.update(layout=colour_layout(pil), width=image.shape[1], height=image.shape[0], format="png")
+    return record
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, **_PNG)
+    return buf.getvalue()
+
+
+def generate(
+    out_dir: str | Path,
+    *,
+    seed: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    image_size: int = 64,
+    n_classes: int = 8,
+    shard_size: int = 1000,
+    position_bias: float = 0.5,
+    max_objects: int = 3,
+    gradient_strength: float = 0.35,
+) -> dict[str, Any]:
+    """Write ``<out>/shards/{train,val,test}-%06d.tar`` and ``<out>/manifest.parquet``; returns a summary.
+
+    Per sample: ``<key>.png`` (RGB), ``<key>.cls`` (label), ``<key>.seg.png`` (class id + 1, 0 background) and
+    ``<key>.json`` (objects, class name, generator settings). Keys are ``<split>_%07d``.
+    """
+    if not 0.0 <= position_bias <= 1.0:
+        raise ValueError(f"position_bias must be in [0, 1], got {position_bias}")
+    if image_size < 16 or n_classes < 1 or max_objects < 1 or min(n_train, n_val, n_test) < 0:
+        raise ValueError(
+            f"bad generator sizes: image_size={image_size} n_classes={n_classes} max_objects={max_objects}"
+        )
+    start, out_dir = time.perf_counter(), Path(out_dir)
+    names, rows, shards = class_names(n_classes), [], {}
+    settings = {"seed": seed, "image_size": image_size, "n_classes": n_classes, "position_bias": position_bias}
+    settings.update({"max_objects": max_objects, "gradient_strength": gradient_strength})
+    for split_id, (split, count) in enumerate(zip(SPLITS, (n_train, n_val, n_test), strict=True)):
+        with ShardWriter(out_dir / "shards", split, shard_size) as writer:
+            for chunk in range(-(-count // _CHUNK)):
+                rng = np.random.default_rng([seed, split_id, chunk])
+                images, masks, labels, objects = render_batch(
+                    rng, _CHUNK, n_classes=n_classes, size=image_size, max_objects=max_objects,
+                    position_bias=position_bias, gradient_strength=gradient_strength,
+                )  # fmt: skip
+                for j in range(min(_CHUNK, count - chunk * _CHUNK)):
+                    key, label = f"{split}_{chunk * _CHUNK + j:07d}", int(labels[j])
+                    meta = {"source": "synthetic", "license": "CC0-1.0", "split": split, "label": label}
+                    meta.update({"class_name": names[label], "objects": objects[j], "generator": settings})
+                    png = _png(images[j])
+                    path = writer.write(key, {
+                        "png": png, "cls": str(label).encode(), "seg.png": _png(masks[j]),
+                        "json": json.dumps(meta, sort_keys=True).encode(),
+                    })  # fmt: skip
+                    record = _record(png, images[j])
+                    rows.append({**record, "key": key, "split": split, "shard": f"shards/{path.name}", "status": "ok"})
+                    rows[-1].update({"label": label, "class_name": names[label], "source": "synthetic"})
+                    rows[-1].update({"license": "CC0-1.0"})
+        shards[split] = len(writer.shards)
+    write_parquet_atomic(make_manifest(rows), out_dir / "manifest.parquet")
+    elapsed = time.perf_counter() - start
+    summary = {
+        "out_dir": str(out_dir),
+        "manifest": str(out_dir / "manifest.parquet"),
+        "counts": dict(zip(SPLITS, (n_train, n_val, n_test), strict=True)),
+        "shards": shards,
+        "classes": names,
+        "settings": settings,
+        "elapsed_s": elapsed,
+        "images_per_s": len(rows) / max(elapsed, 1e-9),
+    }
+    logger.info("synthetic: %d images in %.1f s (%.0f img/s)", len(rows), elapsed, summary["images_per_s"])
+    return summary

@@ -1,0 +1,349 @@
+"""Planning before spending: every job of the DAG with its resources, FLOPs, GPU-hours and storage (issue 6).
+
+``plan(preset, experiments, overrides)`` composes the Hydra config of each experiment (``franca.config``), walks the
+stages of the workflow (fetch/shard per dataset, dedup, pretrain stages, highres, rasa, eval) and returns a
+``Plan`` of rows. Training FLOPs come from ``franca.flops`` (analytic, per step, spec 2.6); GPU-hours are
+total FLOPs / (peak dense bf16/fp16 FLOP/s x utilisation). The utilisation (MFU, default 0.4) and the GPU type
+(default H100 SXM) are stated in every plan. Evaluation and RASA cost only their frozen-backbone forward passes
+(feature extraction), which is small next to pretraining.
+
+Per-rule SLURM resources (``rule_resources``) come from the same numbers: one job asks for
+``ceil(world_size / gpus_per_node)`` nodes and a runtime of the estimated time (with a margin), capped at the job
+time limit (20 h on the Franca cluster, spec 4); longer trainings are resubmitted (``retries``) and resume from
+their rolling checkpoint, so a row's ``jobs`` is the number of submissions it needs.
+
+Optional config section ``cluster`` (any key may be absent): gpu_type, mfu, cpus_per_gpu, mem_mb_per_gpu,
+job_time_limit_min, runtime_margin, cpu_flops (the achieved rate of a CPU-only run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from franca import flops
+from franca.config import compose, launch_shape, stage_config, used_datasets
+
+__all__ = [
+    "GPU_PEAK_FLOPS",
+    "Plan",
+    "PlanRow",
+    "cluster_settings",
+    "dataset_storage",
+    "format_plan",
+    "main",
+    "plan",
+    "rule_resources",
+]
+
+logger = logging.getLogger(__name__)
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak, FLOP/s, from the vendors' data sheets.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+CLUSTER_DEFAULTS = {
+    "gpu_type": "H100",
+    "mfu": 0.4,
+    "cpus_per_gpu": 12,  # Franca's sbatch headers: 4 GPUs and 12 CPUs per task, one task per GPU (spec 4)
+    "mem_mb_per_gpu": 100_000,
+    "job_time_limit_min": 20 * 60,  # the Franca cluster's 20 h limit (spec 4)
+    "runtime_margin": 1.25,
+    "cpu_flops": 30e9,  # achieved forward rate on the 2-core development machine (spec 10)
+}
+# Light CPU jobs: (cpus_per_task, mem_mb, runtime in minutes) at paper scale and on the tiny preset.
+CPU_STAGES = {
+    "fetch": ((16, 32_000, 24 * 60), (1, 2_000, 30)),
+    "shard": ((8, 16_000, 12 * 60), (1, 2_000, 30)),
+    "dedup": ((16, 64_000, 12 * 60), (1, 2_000, 30)),
+    "paper": ((1, 8_000, 60), (1, 2_000, 15)),
+}
+# (images, mean bytes per image) used when the dataset config has no n_images / mean_image_bytes.
+DATASET_DEFAULTS = {
+    "in21k": (13_153_499, 95_000),  # winter21_whole count (spec 6); the release is ~1.25 TB
+    "in1k_train": (1_281_167, 110_000),  # ImageNet-1k train, ~140 GB
+    "in1k_val": (50_000, 128_000),  # ~6.4 GB
+    "in_train": (126_689, 110_000),  # ImageNet-100 train
+    "in_val": (5_000, 128_000),
+    "voc": (17_125, 110_000),  # VOC2012 JPEGImages (~1.9 GB) + class maps
+    "laion": (600_000_000, 60_000),  # LAION-COCO 600M (spec 6), JPEG at <= 512 px side (img2dataset, keep ratio)
+}
+SYNTH_BYTES_PER_PIXEL = 1.0  # a generated PNG with textures compresses to ~1 byte/pixel (3 channels)
+CKPT_BYTES_FINAL = 8  # fp32 student + teacher per parameter (the declared checkpoint.pt)
+CKPT_BYTES_ROLLING = 16  # fp32 student + teacher + AdamW first and second moments
+TRAIN_STAGES = ("pretrain", "highres")
+
+
+def cluster_settings(cfg: Mapping, **overrides) -> dict:
+    """CLUSTER_DEFAULTS < the config's ``cluster`` section < keyword overrides (None values ignored)."""
+    out = dict(CLUSTER_DEFAULTS)
+    out.update({k: v for k, v in (cfg.get("cluster") or {}).items() if v is not None})
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    if out["gpu_type"] not in GPU_PEAK_FLOPS:
+        raise ValueError(f"cluster.gpu_type must be one of {sorted(GPU_PEAK_FLOPS)}, got {out['gpu_type']!r}")
+    if not 0 < float(out["mfu"]) <= 1:
+        raise ValueError(f"cluster.mfu must be in (0, 1], got {out['mfu']}")
+    return out
+
+
+def _gpus(stage_cfg: Mapping) -> tuple[int, int]:
+    """(nodes, GPUs per node); (1, 0) for a CPU run."""
+    nodes, per_node = launch_shape(stage_cfg)
+    gpus = int((stage_cfg.get("train") or {}).get("gpus_per_node", 0))
+    return (nodes, per_node) if gpus > 0 else (1, 0)
+
+
+def _train_hours(stage_cfg: Mapping, cluster: Mapping) -> tuple[float, float, int]:
+    """(FLOPs per step, total FLOPs, wall-clock hours) of a training stage on its configured devices."""
+    step = flops.training_step_flops(stage_cfg)
+    steps = int(stage_cfg["optim"]["iterations"])
+    nodes, per_node = _gpus(stage_cfg)
+    rate = nodes * per_node * GPU_PEAK_FLOPS[cluster["gpu_type"]] * cluster["mfu"] if per_node else cluster["cpu_flops"]
+    return step.total, step.total * steps, step.total * steps / rate / 3600
+
+
+def _resources(nodes: int, per_node: int, cpus: int, mem_mb: int, minutes: int) -> dict:
+    res = {"nodes": nodes, "tasks": nodes, "cpus_per_task": cpus, "mem_mb": mem_mb, "runtime": minutes}
+    res["gpus_per_node"] = per_node
+    res["slurm_extra"] = ""
+    if per_node and nodes == 1:
+        # --gpus=<n>; tasks_per_gpu 0 stops the plugin from adding --ntasks-per-gpu=<tasks> (1 task per GPU)
+        res.update(gpu=per_node, tasks_per_gpu=0)
+    elif per_node:
+        # `mpi` makes the plugin run the rule's shell in the batch step (no `srun -n1` around it), so the rule's own
+        # `srun --ntasks-per-node 1 torchrun ...` spans every node; the plugin's --gpus is a job total, hence the
+        # per-node request in slurm_extra.
+        res.update(mpi="srun", slurm_extra=f"--gpus-per-node={per_node} --ntasks-per-node=1")
+    return res
+
+
+def rule_resources(stage_cfg: Mapping, stage: str) -> dict:
+    """Snakemake ``resources`` of one rule (the SLURM plugin's names; runtime in minutes, mem_mb per node).
+
+    ``stage_cfg``: ``franca.config.stage_config(cfg, stage)`` for pretrain / highres; the full composed config for the
+    other stages (their slice lacks ``train``, which says how many GPUs a node has).
+    """
+    cluster = cluster_settings(stage_cfg)
+    nodes, per_node = _gpus(stage_cfg) if "train" in stage_cfg else (1, 0)
+    limit = int(cluster["job_time_limit_min"])
+    if stage in TRAIN_STAGES:
+        _, _, hours = _train_hours(stage_cfg, cluster)
+        minutes = min(limit, max(10, math.ceil(hours * 60 * cluster["runtime_margin"]) + 10))
+        if not per_node:  # CPU (gloo) run: one process per core
+            world = int(stage_cfg["train"].get("world_size", 1))
+            return _resources(1, 0, max(world, 1), 4_000 * max(world, 1), minutes)
+        cpus, mem = cluster["cpus_per_gpu"] * per_node, cluster["mem_mb_per_gpu"] * per_node
+        return _resources(nodes, per_node, cpus, mem, minutes)
+    if stage in ("rasa", "eval", "features"):
+        if not per_node:
+            return _resources(1, 0, 1, 4_000, 60)
+        return _resources(1, 1, cluster["cpus_per_gpu"], cluster["mem_mb_per_gpu"], min(limit, 4 * 60))
+    if stage in CPU_STAGES:
+        cpus, mem, minutes = CPU_STAGES[stage][0 if per_node else 1]
+        return _resources(1, 0, cpus, mem, min(limit, minutes))
+    raise ValueError(
+        f"rule_resources: unknown stage {stage!r}; expected {TRAIN_STAGES} or rasa/eval/features, "
+        f"or one of {sorted(CPU_STAGES)}"
+    )
+
+
+def dataset_storage(cfg: Mapping, name: str) -> tuple[int, int]:
+    """(images, bytes) of a dataset's shards: the config's n_images / mean_image_bytes, else the stated default."""
+    ds = cfg["data"]["datasets"][name]
+    if "n_images" in ds and "mean_image_bytes" in ds:
+        return int(ds["n_images"]), int(ds["n_images"]) * int(ds["mean_image_bytes"])
+    if ds.get("source") == "synth":
+        n = sum(int(ds[k]) for k in ("n_train", "n_val", "n_test"))
+        return n, round(n * int(ds["image_size"]) ** 2 * SYNTH_BYTES_PER_PIXEL)
+    if name not in DATASET_DEFAULTS:
+        raise KeyError(f"dataset {name!r}: set data.datasets.{name}.n_images and mean_image_bytes (no default)")
+    n, mean = DATASET_DEFAULTS[name]
+    return n, n * mean
+
+
+@dataclass
+class PlanRow:
+    rule: str
+    experiment: str
+    seed: int | None
+    stage: str
+    jobs: int  # SLURM submissions (training stages longer than the time limit resume from their checkpoint)
+    nodes: int
+    gpus_per_node: int
+    runtime_min: int  # per submission
+    steps: int = 0
+    flops_per_step: float = 0.0
+    total_flops: float = 0.0
+    gpu_hours: float = 0.0  # 0 for CPU rows
+    hours: float = 0.0  # wall-clock of the whole row
+    storage_bytes: float = 0.0
+
+
+@dataclass
+class Plan:
+    preset: str
+    gpu_type: str
+    mfu: float
+    rows: list[PlanRow] = field(default_factory=list)
+
+    @property
+    def totals(self) -> dict[str, float]:
+        return {
+            "jobs": sum(r.jobs for r in self.rows),
+            "total_flops": sum(r.total_flops for r in self.rows),
+            "gpu_hours": sum(r.gpu_hours for r in self.rows),
+            "storage_bytes": sum(r.storage_bytes for r in self.rows),
+            "shard_bytes": sum(r.storage_bytes for r in self.rows if r.rule == "shard"),
+            "checkpoint_bytes": sum(r.storage_bytes for r in self.rows if r.rule in TRAIN_STAGES),
+        }
+
+    def gpu_hours(self, rule: str, experiment: str | None = None) -> float:
+        return sum(r.gpu_hours for r in self.rows if r.rule == rule and experiment in (None, r.experiment))
+
+
+def _train_row(cfg: Mapping, stage: str, index: int, exp: str, seed: int, cluster: Mapping) -> PlanRow:
+    sc = stage_config(cfg, stage, index) if stage == "pretrain" else stage_config(cfg, stage)
+    sc["cluster"] = cluster
+    per_step, total, hours = _train_hours(sc, cluster)
+    res = rule_resources(sc, stage)
+    nodes, per_node = _gpus(sc)
+    jobs = max(1, math.ceil(hours * 60 / res["runtime"]))
+    params = flops.model_params(sc)["total"]
+    keep = int((cfg.get("run") or {}).get("keep_checkpoints", 2))
+    storage = params * (CKPT_BYTES_FINAL + keep * CKPT_BYTES_ROLLING)
+    name = f"pretrain{index}" if stage == "pretrain" else stage
+    row = PlanRow(stage, exp, seed, name, jobs, nodes, per_node, res["runtime"], int(sc["optim"]["iterations"]))
+    row.flops_per_step, row.total_flops = per_step, total
+    row.gpu_hours, row.hours, row.storage_bytes = hours * nodes * per_node, hours, storage
+    return row
+
+
+def _forward_row(rule: str, cfg: Mapping, exp: str, seed: int, images: float, size: int, cluster: Mapping) -> PlanRow:
+    """A frozen-backbone job costed by its forward passes over ``images`` images of ``size`` px."""
+    shape = flops.ViTShape.from_config(cfg["model"])
+    size -= size % shape.patch_size
+    total = flops.backbone_forward_flops(shape, size, 1) * images
+    res = rule_resources(cfg, rule)
+    rate = GPU_PEAK_FLOPS[cluster["gpu_type"]] * cluster["mfu"] if res["gpus_per_node"] else cluster["cpu_flops"]
+    hours = total / rate / 3600
+    row = PlanRow(rule, exp, seed, rule, 1, 1, res["gpus_per_node"], res["runtime"], total_flops=total, hours=hours)
+    row.gpu_hours = hours * res["gpus_per_node"]
+    return row
+
+
+def _eval_images(cfg: Mapping) -> float:
+    """Images whose features one evaluation pass extracts: the classification and dense datasets."""
+    data, ev = cfg["data"], cfg["eval"]
+    roles = {data["classification"]["dataset"], data["classification"].get("val_dataset"), data["dense"]["dataset"]}
+    n = sum(dataset_storage(cfg, name)[0] for name in roles - {None})
+    cap = ev.get("max_train_images")
+    return float(min(n, cap + (ev.get("max_eval_images") or 0))) if cap else float(n)
+
+
+def _rasa_images(cfg: Mapping) -> tuple[float, int]:
+    """(forward passes, crop size) of a RASA job: rounds x epochs over its dataset (features are not cached)."""
+    rasa = cfg["rasa"]
+    n = rasa.get("n_images") or dataset_storage(cfg, cfg["data"]["rasa"]["dataset"])[0]
+    size = int(rasa.get("img_size") or cfg["eval"].get("img_size") or cfg["crops"]["global_crops_size"])
+    return float(int(rasa["rounds"]) * int(rasa["epochs"]) * int(n)), size
+
+
+def plan(
+    preset: str,
+    experiments: Mapping[str, Mapping] | Sequence[str],
+    overrides: Sequence[str] = (),
+    **cluster_overrides,
+) -> Plan:
+    """Every job of the workflow for ``preset`` x ``experiments`` (names, or config.yaml's mapping of
+    name -> {seeds, highres, rasa}); ``cluster_overrides``: gpu_type, mfu, ... (see CLUSTER_DEFAULTS)."""
+    if not isinstance(experiments, Mapping):
+        experiments = {name: {} for name in experiments}
+    if not experiments:
+        raise ValueError("plan: no experiments given")
+    first = compose(preset, next(iter(experiments)), 0, tuple(overrides))
+    cluster = cluster_settings(first, **cluster_overrides)
+    out = Plan(preset, cluster["gpu_type"], float(cluster["mfu"]))
+    for name in used_datasets(first):
+        n, size = dataset_storage(first, name)
+        shards = math.ceil(n / int(first["data"]["datasets"][name].get("shard_size", 10_000)))
+        for rule in ("fetch", "shard"):
+            res = rule_resources(first, rule)
+            row = PlanRow(rule, name, None, f"{shards} shards", 1, 1, 0, res["runtime"])
+            row.storage_bytes = size if rule == "shard" else 0
+            out.rows.append(row)
+    out.rows.append(PlanRow("dedup", "-", None, "dedup", 1, 1, 0, rule_resources(first, "dedup")["runtime"]))
+    for exp, spec in experiments.items():
+        for seed in spec.get("seeds", [0]):
+            cfg = compose(preset, exp, int(seed), tuple(overrides))
+            cfg["cluster"] = cluster
+            for i in range(1, len(cfg["pretrain"]["stages"]) + 1):
+                out.rows.append(_train_row(cfg, "pretrain", i, exp, int(seed), cluster))
+            ckpts = ["pretrain"]
+            if spec.get("highres", True):
+                out.rows.append(_train_row(cfg, "highres", 1, exp, int(seed), cluster))
+                ckpts.append("highres")
+            for _ckpt in ckpts:
+                size = int(cfg["eval"].get("img_size", cfg["crops"]["global_crops_size"]))
+                out.rows.append(_forward_row("eval", cfg, exp, int(seed), _eval_images(cfg), size, cluster))
+                if spec.get("rasa", True):
+                    images, size = _rasa_images(cfg)
+                    out.rows.append(_forward_row("rasa", cfg, exp, int(seed), images, size, cluster))
+    out.rows.append(PlanRow("paper", "-", None, "paper", 1, 1, 0, rule_resources(first, "paper")["runtime"]))
+    return out
+
+
+def _si(x: float, unit: str = "") -> str:
+    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
+
+
+HEADER = "rule|experiment|seed|stage|jobs|nodes x GPUs|runtime/job|steps|FLOPs/step|total FLOPs|GPU-h|storage"
+
+
+def _cells(r: PlanRow, gpu_type: str) -> list[str]:
+    devices = f"{r.nodes} x {r.gpus_per_node} {gpu_type}" if r.gpus_per_node else f"{r.nodes} x CPU"
+    cells = [r.rule, r.experiment, "" if r.seed is None else str(r.seed), r.stage, str(r.jobs), devices]
+    cells += [f"{r.runtime_min} min", str(r.steps or "")]
+    values = [r.flops_per_step, r.total_flops, r.gpu_hours, r.storage_bytes]
+    texts = [_si(r.flops_per_step), _si(r.total_flops), f"{r.gpu_hours:,.1f}", _si(r.storage_bytes, "B")]
+    return cells + [text if value else "" for text, value in zip(texts, values, strict=True)]
+
+
+def format_plan(p: Plan) -> str:
+    """Plain-text table of the plan's rows and totals."""
+    t = p.totals
+    rows = [_cells(r, p.gpu_type) for r in p.rows]
+    total = ["total"] + [""] * 3 + [str(t["jobs"])] + [""] * 4
+    rows.append(total + [_si(t["total_flops"]), f"{t['gpu_hours']:,.1f}", _si(t["storage_bytes"], "B")])
+    head = HEADER.replace("GPU-h", f"{p.gpu_type}-h").split("|")
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    peak = GPU_PEAK_FLOPS[p.gpu_type] / 1e12
+    text = [f"plan for preset {p.preset}: {p.gpu_type} at {p.mfu:.0%} of the dense bf16/fp16 peak ({peak:.0f} TFLOP/s)"]
+    text += [fmt.format(*head), fmt.format(*["-" * w for w in widths])]
+    text += [fmt.format(*row) for row in rows]
+    text.append(f"storage: shards {_si(t['shard_bytes'], 'B')}, checkpoints {_si(t['checkpoint_bytes'], 'B')}")
+    return "\n".join(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="franca plan", description="Jobs, FLOPs, GPU-hours and storage of a run.")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--experiments", nargs="+", default=["franca"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--override", action="append", default=[], help="Hydra override (repeatable)")
+    parser.add_argument("--gpu-type", choices=sorted(GPU_PEAK_FLOPS))
+    parser.add_argument("--mfu", type=float, help="model FLOP utilisation, fraction of the peak (default 0.4)")
+    args = parser.parse_args(argv)
+    exps = {name: {"seeds": args.seeds} for name in args.experiments}
+    p = plan(args.preset, exps, args.override, gpu_type=args.gpu_type, mfu=args.mfu)
+    sys.stdout.write(format_plan(p) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

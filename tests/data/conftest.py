@@ -1,0 +1,147 @@
+"""Fixtures of the data tests: a hostile image server on 127.0.0.1 and small generated photo-like images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from franca.data.synthetic import pink_noise
+
+
+def photo_like(rng: np.random.Generator, n: int, size: int = 96) -> list[Image.Image]:
+    """Colour 1/f-noise images with a few random blobs: natural-image-like spectra, all distinct."""
+    fields = pink_noise(rng, 3 * n, size, exponent=1.3).reshape(n, 3, size, size)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = []
+    for i in range(n):
+        rgb = np.moveaxis(fields[i], 0, -1) * 0.7
+        for _ in range(3):
+            cx, cy, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.08, 0.25) * size
+            blob = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r**2)[..., None]
+            rgb = np.where(blob, rng.uniform(0, 1, 3) * 0.5 + rgb * 0.5, rgb)
+        images.append(Image.fromarray(np.clip(rgb * 255, 0, 255).astype(np.uint8)))
+    return images
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims width x height grey pixels, with a tiny (invalid-length) IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b"")
+    )
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default listen backlog of 5 drops connections under concurrent clients
+
+
+class ImageServer:
+    """Routes: /img/<name> (served bytes), /flaky/<name> (500 once per name, then the image), /always500, /404,
+    /slow/<name> (sleeps ``slow_s`` before answering), /truncated.jpg, /page.html, /bomb.png, /large.bin,
+    /loop (redirects to itself), /redirect/<name> (302 to /img/<name>)."""
+
+    def __init__(self, images: dict[str, bytes], slow_s: float = 2.0):
+        self.images, self.slow_s = images, slow_s
+        self.truncated = next(iter(images.values()))[:-400]
+        self.hits: dict[str, int] = {}
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                return
+
+            def do_GET(self):  # noqa: N802 (http.server API)
+                server.route(self)
+
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # clients that time out close their sockets
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.hits.clear()
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    @staticmethod
+    def send(handler, code: int, body: bytes = b"", ctype: str = "image/jpeg", headers: dict | None = None) -> None:
+        handler.send_response(code)
+        handler.send_header("Content-Type", ctype)
+        handler.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def route(self, h) -> None:
+        path = h.path
+        with self.lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            hits = self.hits[path]
+        name = path.rsplit("/", 1)[-1]
+        if path.startswith("/img/") and name in self.images:
+            self.send(h, 200, self.images[name])
+        elif path.startswith("/flaky/") and name in self.images:
+            self.send(h, 500, b"oops", "text/plain") if hits == 1 else self.send(h, 200, self.images[name])
+        elif path.startswith("/slow/") and name in self.images:
+            time.sleep(self.slow_s)
+            self.send(h, 200, self.images[name])
+        elif path.startswith("/redirect/"):
+            self.send(h, 302, b"", "text/plain", {"Location": f"/img/{name}"})
+        elif path == "/loop":
+            self.send(h, 302, b"", "text/plain", {"Location": "/loop"})
+        elif path == "/always500":
+            self.send(h, 500, b"down", "text/plain")
+        elif path == "/truncated.jpg":
+            self.send(h, 200, self.truncated)
+        elif path == "/page.html":
+            self.send(h, 200, b"<!doctype html><html><body>not an image</body></html>", "text/html")
+        elif path == "/bomb.png":
+            self.send(h, 200, png_bomb(), "image/png")
+        elif path == "/large.bin":
+            self.send(h, 200, b"\xff" * 300_000)
+        else:
+            self.send(h, 404, b"not found", "text/plain")
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def served_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(7)
+    images = photo_like(rng, 24, size=80)
+    out = {f"{i:03d}.jpg": encode(im, "JPEG", quality=90) for i, im in enumerate(images[:20])}
+    out.update({f"{i:03d}.png": encode(im, "PNG") for i, im in enumerate(images[20:], start=20)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_server(served_images):
+    server = ImageServer(served_images)
+    yield server
+    server.close()

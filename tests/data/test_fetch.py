@@ -1,0 +1,155 @@
+"""Fetcher against a hostile loopback server (issue 4 "Tests"): reasons, byte identity, resume, re-encoding."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from franca.data.fetch import fetch_urls
+from franca.data.manifest import canonicalise, read_manifest
+
+FAST = {"timeout": 0.5, "retries": 1, "backoff": 0.01, "concurrency": 8, "max_pixels": 4_000_000}
+
+
+def hostile_table(server, tmp_path, fmt="parquet"):
+    """(path, expected outcome per row): 'ok' or the failure reason."""
+    rows = [(server.url(f"/img/{i:03d}.jpg"), "ok") for i in range(6)]
+    rows += [
+        (server.url("/img/020.png"), "ok"),
+        (server.url("/404"), "http_404"),
+        (server.url("/flaky/001.jpg"), "ok"),
+        (server.url("/always500"), "http_500"),
+        (server.url("/slow/002.jpg"), "timeout"),
+        (server.url("/truncated.jpg"), "truncated"),
+        (server.url("/page.html"), "not_an_image"),
+        (server.url("/bomb.png"), "too_many_pixels"),
+        (server.url("/loop"), "redirect_loop"),
+        (server.url("/redirect/003.jpg"), "ok"),
+        (server.url("/large.bin"), "too_large"),
+        ("file:///etc/hostname", "bad_scheme"),
+        ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
+    ]
+    table = pd.DataFrame(
+        {
+            "url": [u for u, _ in rows],
+            "caption": [f"caption {i}" for i in range(len(rows))],
+            "license": ["cc-by"] * len(rows),
+            "punsafe": [0.01 * i for i in range(len(rows))],
+        }
+    )
+    path = tmp_path / f"urls.{fmt}"
+    table.to_parquet(path) if fmt == "parquet" else table.to_csv(path, index=False)
+    return path, [e for _, e in rows], table
+
+
+def tar_members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_every_url_ends_as_sample_or_reasoned_failure(image_server, served_images, tmp_path, fmt):
+    image_server.reset()
+    table_path, expected, table = hostile_table(image_server, tmp_path, fmt)
+    out = tmp_path / "raw"
+    report = fetch_urls(table_path, out, shard_size=8, reencode="never", max_bytes=200_000, **FAST)
+    status = pd.concat([pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))], ignore_index=True)
+    assert status["key"].tolist() == [f"{i:09d}" for i in range(len(expected))]
+    got = ["ok" if s == "success" else r for s, r in zip(status["status"], status["reason"], strict=True)]
+    assert got == expected
+    n_ok = expected.count("ok")
+    assert report["success"] == n_ok and report["failed"] == len(expected) - n_ok
+    assert report["reasons"]["bad_scheme"] == 2 and report["reasons"]["timeout"] == 1
+    assert json.loads((out / "fetch_report.json").read_text())["reasons"] == report["reasons"]
+    # retried once: the flaky URL needed two attempts
+    assert status.loc[status["url"].str.contains("flaky"), "attempts"].item() == 2
+    members = {}
+    for shard in sorted(out.glob("*.tar")):
+        members.update(tar_members(shard))
+    ok_rows = [i for i, e in enumerate(expected) if e == "ok"]
+    image_names = sorted(n for n in members if n.endswith((".jpg", ".png")))
+    assert image_names == sorted(f"{i:09d}.{'png' if i == 6 else 'jpg'}" for i in ok_rows)
+    for i in ok_rows:  # byte identity with re-encoding off; captions and extra columns kept
+        served = served_images[table.at[i, "url"].rsplit("/", 1)[-1]]
+        assert members[f"{i:09d}.{'png' if i == 6 else 'jpg'}"] == served
+        meta = json.loads(members[f"{i:09d}.json"])
+        assert meta["url"] == table.at[i, "url"] and meta["license"] == "cc-by"
+        assert meta["punsafe"] == pytest.approx(0.01 * i)
+        assert members[f"{i:09d}.txt"].decode() == f"caption {i}"
+
+
+def test_resize_and_reencode(image_server, tmp_path):
+    table = pd.DataFrame({"url": [image_server.url(f"/img/{i:03d}.jpg") for i in range(3)]})
+    table.to_parquet(tmp_path / "u.parquet")
+    fetch_urls(tmp_path / "u.parquet", tmp_path / "raw", shard_size=10, resize_max_side=40, **FAST)
+    members = tar_members(tmp_path / "raw" / "000000.tar")
+    for i in range(3):
+        image = Image.open(io.BytesIO(members[f"{i:09d}.jpg"]))
+        assert image.size == (40, 40)  # 80 x 80 served, keep ratio, only if bigger
+        meta = json.loads(members[f"{i:09d}.json"])
+        assert (meta["original_width"], meta["width"]) == (80, 40)
+    with pytest.raises(ValueError, match="resize_max_side"):
+        fetch_urls(tmp_path / "u.parquet", tmp_path / "x", resize_max_side=40, reencode="never")
+    with pytest.raises(ValueError, match="no column 'URL'"):
+        fetch_urls(tmp_path / "u.parquet", tmp_path / "x", url_col="URL")
+
+
+def test_interrupted_fetch_resumes_to_identical_shards(image_server, tmp_path):
+    urls = [image_server.url(f"/img/{i % 20:03d}.jpg") for i in range(22)]
+    # the flaky URL sits in shard 0, which the interrupted run completes (no stray retry can race a reset)
+    urls[2], urls[12], urls[17] = image_server.url("/flaky/005.jpg"), image_server.url("/404"), "file:///x"
+    pd.DataFrame({"url": urls, "caption": [f"c{i}" for i in range(22)]}).to_parquet(tmp_path / "u.parquet")
+    kwargs = {"shard_size": 5, "reencode": "never", **FAST}
+
+    def stop_after_first(shard):
+        raise KeyboardInterrupt(f"simulated interruption after shard {shard}")
+
+    image_server.reset()
+    with pytest.raises(KeyboardInterrupt):
+        fetch_urls(tmp_path / "u.parquet", tmp_path / "resumed", on_shard_done=stop_after_first, **kwargs)
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("*.tar")) == ["000000.tar"]
+    (tmp_path / "resumed" / ".000003.tar.tmp-99999").write_bytes(b"half a shard")  # a killed writer's leftover
+    image_server.reset()
+    report = fetch_urls(tmp_path / "u.parquet", tmp_path / "resumed", **kwargs)
+    assert report["shards_skipped"] == 1 and report["this_run"]["rows"] == 17
+    image_server.reset()
+    fetch_urls(tmp_path / "u.parquet", tmp_path / "straight", **kwargs)
+    names = sorted(p.name for p in (tmp_path / "straight").iterdir() if p.suffix in (".tar", ".parquet"))
+    assert names == sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.suffix in (".tar", ".parquet"))
+    assert [n for n in names if n.endswith(".tar")] == [f"{s:06d}.tar" for s in range(5)]
+    assert not list((tmp_path / "resumed").glob(".*"))  # the stale temp file was cleaned
+    for name in names:
+        a, b = tmp_path / "resumed" / name, tmp_path / "straight" / name
+        if name.endswith(".tar"):
+            assert a.read_bytes() == b.read_bytes(), name
+        else:  # attempts may differ by a transient retry on a busy machine; every outcome must be equal
+            pd.testing.assert_frame_equal(
+                pd.read_parquet(a).drop(columns="attempts"), pd.read_parquet(b).drop(columns="attempts")
+            )
+
+
+def test_canonicalise_fetched_shards(image_server, served_images, tmp_path):
+    image_server.reset()
+    table_path, expected, table = hostile_table(image_server, tmp_path)
+    fetch_urls(table_path, tmp_path / "raw", shard_size=8, reencode="never", max_bytes=200_000, **FAST)
+    summary = canonicalise({"train": [tmp_path / "raw"]}, tmp_path / "ds")
+    manifest = read_manifest(tmp_path / "ds" / "manifest.parquet")
+    assert summary["samples"] == expected.count("ok") and summary["failed"] == len(expected) - expected.count("ok")
+    assert len(manifest) == len(expected)
+    ok = manifest[manifest["status"] == "ok"].set_index("key")
+    row = ok.loc["train_000000006"]
+    assert row["source"] == table.at[6, "url"] and row["license"] == "cc-by" and row["format"] == "png"
+    assert row["caption"] == "caption 6" and (row["width"], row["height"]) == (80, 80)
+    failed = manifest[manifest["status"] == "failed"].set_index("key")
+    assert failed.loc["train_000000007", "reason"] == "http_404"
+    members = tar_members(tmp_path / "ds" / "shards" / "train-000000.tar")
+    assert members["train_000000000.jpg"] == served_images["000.jpg"]
+    # rerun: every shard is resumed, the manifest is unchanged
+    again = canonicalise({"train": [tmp_path / "raw"]}, tmp_path / "ds")
+    assert again["shards_resumed"] == again["shards"] == 3
+    pd.testing.assert_frame_equal(read_manifest(tmp_path / "ds" / "manifest.parquet"), manifest)
