@@ -1,0 +1,123 @@
+"""Generated shapes dataset (spec 10): determinism, labels and masks against the drawn objects, position bias."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from franca.data.shards import iter_samples, list_shards
+from franca.data.synthetic import class_colours, generate
+
+# analytic areas in units of r^2 (spec of each shape in franca.data.synthetic.shape_masks)
+AREA = {
+    "disk": np.pi,
+    "square": 1.6**2,
+    "diamond": 2.0,
+    "triangle": 0.5 * 1.5 * 1.74,
+    "cross": 2.04,
+    "ellipse": np.pi / 2,
+}
+
+
+def members(shard_dir):
+    out = {}
+    for path in list_shards(shard_dir):
+        with tarfile.open(path) as tar:
+            out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    summary = generate(root, seed=11, n_train=300, n_val=40, n_test=40, image_size=96, shard_size=128)
+    return root, summary, list(iter_samples(list_shards(root / "shards", "train")))
+
+
+def test_same_seed_same_bytes_and_shard_size_independent(dataset, tmp_path):
+    root, summary, _ = dataset
+    again = generate(tmp_path / "a", seed=11, n_train=300, n_val=40, n_test=40, image_size=96, shard_size=128)
+    for name in ["train-000000.tar", "train-000002.tar", "val-000000.tar", "test-000000.tar"]:
+        assert (root / "shards" / name).read_bytes() == (tmp_path / "a" / "shards" / name).read_bytes()
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(root / "manifest.parquet"), pd.read_parquet(tmp_path / "a" / "manifest.parquet")
+    )
+    assert summary["shards"] == again["shards"] == {"train": 3, "val": 1, "test": 1}
+    resharded = generate(tmp_path / "b", seed=11, n_train=300, n_val=40, n_test=40, image_size=96, shard_size=50)
+    assert resharded["shards"]["train"] == 6
+    assert members(root / "shards") == members(tmp_path / "b" / "shards")  # same samples, other packing
+    other = generate(tmp_path / "c", seed=12, n_train=10, n_val=0, n_test=0, image_size=96, shard_size=50)
+    assert other["counts"]["val"] == 0
+    first = members(tmp_path / "c" / "shards")["train_0000000.png"]
+    assert first != members(root / "shards")["train_0000000.png"]
+
+
+def test_manifest_rows(dataset):
+    root, _, samples = dataset
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    assert len(manifest) == 380 and (manifest["status"] == "ok").all()
+    assert manifest["split"].value_counts().to_dict() == {"train": 300, "val": 40, "test": 40}
+    row = manifest.set_index("key").loc["train_0000005"]
+    assert row["label"] == samples[5]["label"] and row["shard"] == "shards/train-000000.tar"
+    assert (row["width"], row["height"], row["format"]) == (96, 96, "png")
+
+
+def test_labels_and_masks_agree_with_drawn_objects(dataset):
+    _, _, samples = dataset
+    colours = class_colours(8)
+    checked_area = 0
+    for sample in samples:
+        seg, meta, label = sample["seg"], sample["meta"], sample["label"]
+        image = np.asarray(sample["image"], dtype=np.float64) / 255.0
+        objects = meta["objects"]
+        assert seg.shape == image.shape[:2] and seg.max() <= 8 and 255 not in seg
+        # label = class of the object with most visible pixels (primary wins ties)
+        visible = [o["visible_pixels"] for o in objects]
+        assert label in {o["class"] for o in objects if o["visible_pixels"] == max(visible)}
+        # per class, mask pixels = visible pixels of that class's objects
+        for c in range(8):
+            assert (seg == c + 1).sum() == sum(o["visible_pixels"] for o in objects if o["class"] == c)
+        # the object on top is drawn whole: analytic area, centre, and its class colour
+        top = objects[-1]
+        region = seg == top["class"] + 1
+        if sum(o["class"] == top["class"] for o in objects) == 1:
+            assert region.sum() == top["visible_pixels"]
+            area = AREA[top["shape"]] * top["r"] ** 2
+            inside = min(top["cx"], top["cy"], 96 - top["cx"], 96 - top["cy"]) > top["r"]
+            if inside:
+                assert abs(region.sum() - area) <= 0.12 * area + 4, (top, region.sum(), area)
+                checked_area += 1
+                if top["shape"] != "triangle":
+                    ys, xs = np.nonzero(region)
+                    assert abs(xs.mean() + 0.5 - top["cx"]) < 1.0 and abs(ys.mean() + 0.5 - top["cy"]) < 1.0
+            mean_rgb = image[region].mean(axis=0)
+            cosine = colours @ mean_rgb / (np.linalg.norm(colours, axis=1) * np.linalg.norm(mean_rgb))
+            assert int(np.argmax(cosine)) == top["class"]
+    assert checked_area > 100
+
+
+@pytest.mark.parametrize("bias", [0.0, 1.0])
+def test_position_bias_knob(tmp_path, bias):
+    generate(tmp_path, seed=1, n_train=256, n_val=0, n_test=0, image_size=64, position_bias=bias, shard_size=256)
+    samples = list(iter_samples(list_shards(tmp_path / "shards", "train")))
+    offsets, ramp = [], []
+    for s in samples:
+        primary = s["meta"]["objects"][-1]  # drawn last
+        angle = 2 * np.pi * primary["class"] / 8
+        anchor = 32 + 16 * np.array([np.cos(angle), np.sin(angle)])
+        offsets.append(np.hypot(primary["cx"] - anchor[0], primary["cy"] - anchor[1]))
+        grey = np.asarray(s["image"].convert("L"), dtype=np.float64)
+        bg = s["seg"] == 0
+        ramp.append(grey[48:][bg[48:]].mean() - grey[:16][bg[:16]].mean())
+    if bias == 1.0:  # centres within a few pixels of their class anchor, and a bright-bottom background ramp
+        assert np.median(offsets) < 6 and np.mean(ramp) > 40
+    else:
+        assert np.median(offsets) > 12 and abs(np.mean(ramp)) < 10
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="position_bias"):
+        generate("/nonexistent", seed=0, n_train=1, n_val=0, n_test=0, position_bias=1.5)
