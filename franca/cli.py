@@ -1,12 +1,12 @@
 """`franca <stage>`: every workflow stage as a command (Snakemake rules only call these).
 
-    franca data {fetch,shard,dedup}   data phases (franca/data)
-    franca pretrain | highres         SSL training (franca/train)
-    franca features | rasa | eval     frozen-backbone features, RASA, evaluations (franca/eval, franca/rasa)
-    franca paper                      tables, figures, index.html (franca/paper)
-    franca audit PATH                 walk provenance from an artifact back to the sources, verifying hashes
-    franca restore                    after `dvc pull`: verify hashes, restore file times so nothing reruns
-    franca plan                       jobs, FLOPs, GPU-hours and storage of a preset before submitting
+franca data {fetch,shard,dedup}   data phases (franca/data)
+franca pretrain | highres         SSL training (franca/train)
+franca features | rasa | eval     frozen-backbone features, RASA, evaluations (franca/eval, franca/rasa)
+franca paper                      tables, figures, index.html (franca/paper)
+franca audit PATH                 walk provenance from an artifact back to the sources, verifying hashes
+franca restore                    after `dvc pull`: verify hashes, restore file times so nothing reruns
+franca plan                       jobs, FLOPs, GPU-hours and storage of a preset before submitting
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ def config_dir() -> Path:
     if os.environ.get("FRANCA_CONFIG_DIR"):
         return Path(os.environ["FRANCA_CONFIG_DIR"]).resolve()
     local = Path.cwd() / "config"
-    return local.resolve() if (local / f"{PRIMARY}.yaml").exists() else Path(__file__).resolve().parent.parent / "config"
-
+    packaged = Path(__file__).resolve().parent.parent / "config"
+    return local.resolve() if (local / f"{PRIMARY}.yaml").exists() else packaged
 
 
 STAGES = ("pretrain", "highres", "rasa", "features")
@@ -152,8 +152,10 @@ def validate(cfg: Mapping) -> None:
         patch = sc["model"]["patch_size"]
         for key in ("global_crops_size", "local_crops_size"):
             if sc["crops"][key] % patch:
-                raise ConfigError(f"config key crops.{key}: {sc['crops'][key]} ({stage}) is not a multiple of "
-                                  f"model.patch_size {patch}")
+                raise ConfigError(
+                    f"config key crops.{key}: {sc['crops'][key]} ({stage}) is not a multiple of "
+                    f"model.patch_size {patch}"
+                )
         if sc["optim"]["warmup_iters"] > sc["optim"]["iterations"]:
             raise ConfigError(f"config key optim.warmup_iters ({stage}) exceeds optim.iterations")
 

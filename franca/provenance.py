@@ -21,8 +21,21 @@ from pathlib import Path
 from typing import Any
 
 FILENAME = "provenance.json"
-_PACKAGES = ("torch", "torchvision", "numpy", "snakemake", "dvc", "mlflow", "hydra-core", "webdataset", "pandas",
-             "faiss-cpu", "scikit-learn", "pillow", "franca-repro")
+_PACKAGES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "snakemake",
+    "dvc",
+    "mlflow",
+    "hydra-core",
+    "webdataset",
+    "pandas",
+    "faiss-cpu",
+    "scikit-learn",
+    "pillow",
+    "franca-repro",
+)
 
 
 _IGNORED = {".snakemake_timestamp"}  # Snakemake's marker in directory outputs, rewritten after the job

@@ -193,6 +193,20 @@ def _accept(d, strict, loose, layout_a, layout_b, ia, ib, opts) -> np.ndarray:
     return accept
 
 
+def _phash_eval_hits(train: pd.DataFrame, evals: pd.DataFrame, opts: dict) -> tuple[np.ndarray, ...]:
+    """Per train row with an accepted eval match: (train row, closest eval row, Hamming distance)."""
+    strict, loose = opts["eval_hamming_threshold"], max(opts["eval_hamming_threshold"], opts["eval_verify"])
+    index = faiss.IndexBinaryFlat(64)
+    index.add(phash_to_bits(hex_to_phash(evals["phash"])))
+    lims, dist, nearest = index.range_search(phash_to_bits(hex_to_phash(train["phash"])), loose + 1)  # d < radius
+    query = np.repeat(np.arange(len(train)), np.diff(lims.astype(np.int64)))  # (P,) train row of each hit
+    accept = _accept(dist, strict, loose, _layouts(train), _layouts(evals), query, nearest, opts)
+    query, dist, nearest = query[accept], dist[accept], nearest[accept]
+    order = np.lexsort((nearest, dist, query))  # per train row: the closest accepted eval image first
+    first = order[np.r_[True, query[order][1:] != query[order][:-1]]] if len(order) else order
+    return query[first], nearest[first], dist[first]
+
+
 def _eval_matches(train: pd.DataFrame, evals: pd.DataFrame, descriptor: str, opts: dict) -> pd.DataFrame:
     """One row per train index matched to an eval image: (index, reason, matched, distance)."""
     rows = []
@@ -202,18 +216,10 @@ def _eval_matches(train: pd.DataFrame, evals: pd.DataFrame, descriptor: str, opt
     exact = train["sha256"].map(first_ref)
     rows += [(i, "eval_exact", ref, 0.0) for i, ref in exact.dropna().items()]
     if descriptor == "phash":
-        strict, loose = opts["eval_hamming_threshold"], max(opts["eval_hamming_threshold"], opts["eval_verify"])
-        index = faiss.IndexBinaryFlat(64)
-        index.add(phash_to_bits(hex_to_phash(evals["phash"])))
-        lims, dist, nearest = index.range_search(phash_to_bits(hex_to_phash(train["phash"])), loose + 1)  # d < r
-        query = np.repeat(np.arange(len(train)), np.diff(lims.astype(np.int64)))  # (P,) train index of each hit
-        accept = _accept(dist, strict, loose, _layouts(train), _layouts(evals), query, nearest, opts)
-        query, dist, nearest = query[accept], dist[accept], nearest[accept]
-        order = np.lexsort((nearest, dist, query))  # per train image: the closest accepted eval image first
-        first = order[np.r_[True, query[order][1:] != query[order][:-1]]] if len(order) else order
+        query, nearest, dist = _phash_eval_hits(train, evals, opts)
         rows += [
             (q, "eval_near_copy", evals["ref"].iat[e], float(d))
-            for q, e, d in zip(query[first].tolist(), nearest[first].tolist(), dist[first].tolist(), strict=True)
+            for q, e, d in zip(query.tolist(), nearest.tolist(), dist.tolist(), strict=True)
             if pd.isna(exact.iat[q])
         ]
     else:
@@ -259,11 +265,35 @@ def _pairs_figure(removed: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFram
             ax = axes[n // cols, 2 * (n % cols) + side]
             if image is not None:
                 ax.imshow(image)
-            ax.set_title(f"{rec.reason}\n{rec.distance:g}" if side == 0 else ref[-18:], fontsize=6)
+            ax.set_title(f"{rec.reason}\n{rec.distance:g}" if side == 0 else ref[-24:], fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return len(shown)
+
+
+def _near_stage(train: pd.DataFrame, alive: np.ndarray, threshold: int, opts: dict, n_bands: int | None):
+    """Within-train near duplicates among ``alive`` rows: (removed rows, matched rows, distances, MIH stats)."""
+    loose = max(threshold, opts["verify"])
+    if loose < 0:  # near-duplicate removal disabled
+        return alive[:0], alive[:0], alive[:0], {"disabled": True}
+    i, j, d, mih = near_duplicate_pairs(hex_to_phash(train["phash"].iloc[alive]), loose, n_bands)
+    layouts = _layouts(train.iloc[alive])
+    accept = _accept(d, threshold, loose, layouts, layouts, i, j, opts)
+    mih["accepted"] = int(accept.sum())
+    match, dist = greedy_removal(len(alive), i[accept], j[accept], d[accept])  # order (j, d, i) is kept
+    near = np.flatnonzero(match >= 0)
+    return alive[near], alive[match[near]], dist[near], mih
+
+
+def _write_outputs(out_dir: Path, train: pd.DataFrame, reason, matched, distance) -> pd.DataFrame:
+    gone = reason != None  # noqa: E711 (element-wise)
+    removed = pd.DataFrame({"key": train["key"][gone], "reason": reason[gone], "matched_key": matched[gone]})
+    removed = removed.assign(distance=distance[gone], shard=train["shard"][gone]).reset_index(drop=True)
+    removed = removed.astype({"key": "string", "reason": "string", "matched_key": "string"})
+    atomic_write_bytes(out_dir / "kept.txt", "".join(f"{k}\n" for k in train["key"][~gone]).encode())
+    write_parquet_atomic(removed, out_dir / "removed.parquet")
+    return removed
 
 
 def deduplicate(
@@ -289,6 +319,8 @@ def deduplicate(
 
     ``eval_manifests`` may include the training manifest itself, whose non-``train_split`` splits then count as
     evaluation sets. ``descriptor`` is ``"phash"`` or the path of a TorchScript model (images -> embeddings).
+    A negative Hamming threshold with ``None`` verify threshold disables that near-copy test (exact copies by
+    sha256 are always removed).
     """
     start, out_dir, train_manifest = time.perf_counter(), Path(out_dir), Path(train_manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,54 +328,37 @@ def deduplicate(
         raise FileNotFoundError(f"descriptor must be 'phash' or a TorchScript file, got {descriptor!r}")
     train = _ok_rows(train_manifest, {train_split}, None)
     evals = _load_eval(train_manifest, eval_manifests, train_split, eval_splits)
-    n, timings = len(train), {}
+    n = len(train)
+    thresholds = {"hamming": hamming_threshold, "verify_hamming": verify_threshold}
+    thresholds.update(eval_hamming=eval_hamming_threshold, eval_verify_hamming=eval_verify_threshold)
+    thresholds.update(layout_rms=layout_threshold, eval_similarity=eval_similarity_threshold)
     opts = {"eval_hamming_threshold": eval_hamming_threshold, "eval_similarity_threshold": eval_similarity_threshold}
     opts.update(image_size=image_size, batch_size=batch_size, layout_threshold=layout_threshold)
     opts["verify"] = -1 if verify_threshold is None else verify_threshold
     opts["eval_verify"] = -1 if eval_verify_threshold is None else eval_verify_threshold
-    matched = np.full(n, None, dtype=object)
-    reason, distance = np.full(n, None, dtype=object), np.zeros(n)
+    reason, matched, distance = np.full(n, None, dtype=object), np.full(n, None, dtype=object), np.zeros(n)
     for rec in _eval_matches(train, evals, descriptor, opts).itertuples():  # (1) eval copies
         reason[rec.index], matched[rec.index], distance[rec.index] = rec.reason, rec.matched, rec.distance
-    timings["eval_s"] = time.perf_counter() - start
+    timings = {"eval_s": time.perf_counter() - start}
     alive = np.flatnonzero(reason == None)  # noqa: E711 (element-wise)
     first = train.iloc[alive].groupby("sha256", sort=False)["key"].transform("first").to_numpy()
     dup = first != train["key"].to_numpy()[alive]  # (2) exact duplicates inside train
     reason[alive[dup]], matched[alive[dup]] = "exact_duplicate", first[dup]
-    alive = alive[~dup]
     t0 = time.perf_counter()
-    loose = max(hamming_threshold, opts["verify"])
-    i, j, d, mih = near_duplicate_pairs(hex_to_phash(train["phash"].iloc[alive]), loose, n_bands)
-    layouts = _layouts(train.iloc[alive])
-    accept = _accept(d, hamming_threshold, loose, layouts, layouts, i, j, opts)
-    i, j, d = i[accept], j[accept], d[accept]  # still sorted by (j, d, i)
-    mih["accepted"] = int(accept.sum())
-    match, dist = greedy_removal(len(alive), i, j, d)  # (3) near duplicates inside train
-    near = np.flatnonzero(match >= 0)
-    reason[alive[near]] = "near_duplicate"
-    matched[alive[near]] = train["key"].to_numpy()[alive[match[near]]]
-    distance[alive[near]] = dist[near]
+    rows, kept_rows, dist, mih = _near_stage(train, alive[~dup], hamming_threshold, opts, n_bands)  # (3)
+    reason[rows], matched[rows], distance[rows] = "near_duplicate", train["key"].to_numpy()[kept_rows], dist
     timings["near_s"] = time.perf_counter() - t0
-    gone = reason != None  # noqa: E711
-    removed = pd.DataFrame({"key": train["key"][gone], "reason": reason[gone], "matched_key": matched[gone]})
-    removed = removed.assign(distance=distance[gone], shard=train["shard"][gone]).reset_index(drop=True)
-    atomic_write_bytes(out_dir / "kept.txt", "".join(f"{k}\n" for k in train["key"][~gone]).encode())
-    write_parquet_atomic(removed.astype({"key": "string", "reason": "string", "matched_key": "string"}),
-                         out_dir / "removed.parquet")  # fmt: skip
+    removed = _write_outputs(out_dir, train, reason, matched, distance)
     shown = _pairs_figure(removed, train, evals, out_dir / "pairs.png", max_pairs) if len(removed) else 0
     elapsed = time.perf_counter() - start
     report = {
         "train_manifest": str(train_manifest),
         "eval_manifests": [str(p) for p in eval_manifests],
         "descriptor": descriptor,
-        "thresholds": {
-            "hamming": hamming_threshold,
-            "eval_hamming": eval_hamming_threshold,
-            "eval_similarity": eval_similarity_threshold,
-        },  # fmt: skip
+        "thresholds": thresholds,
         "n_train": n,
         "n_eval": len(evals),
-        "kept": int((~gone).sum()),
+        "kept": n - len(removed),
         "removed": {r: int((removed["reason"] == r).sum()) for r in sorted(removed["reason"].unique())},
         "multi_index_hashing": mih,
         "pairs_shown": shown,

@@ -212,6 +212,11 @@ def _encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _prefixed(prefix: str, raw_key: str) -> str:
+    """Canonical key; raw keys that already carry the split prefix (generated data) are kept as they are."""
+    return raw_key if raw_key.startswith(prefix) else f"{prefix}{raw_key}"
+
+
 def canonicalise_shard(
     raw_tar: str | Path,
     out_dir: str | Path,
@@ -232,7 +237,7 @@ def canonicalise_shard(
     base = {"split": split, "raw_shard": str(raw_tar)}
     with AtomicTarWriter(out_dir / rel) as writer:
         for raw_key, fields in iter_raw_samples(raw_tar, stats):
-            key, where = f"{key_prefix}{raw_key}", f"{raw_tar}:{raw_key}"
+            key, where = _prefixed(key_prefix, raw_key), f"{raw_tar}:{raw_key}"
             try:
                 meta = json.loads(fields["json"]) if "json" in fields else {}
                 ext = next((e for e in (*IMAGE_EXTS, "gif", "bmp", "tiff") if e in fields), None)
@@ -263,7 +268,7 @@ def canonicalise_shard(
     if stats.corrupt_shards:
         rows.append({**base, "key": f"{key_prefix}{raw_tar.stem}_shard", "status": "failed", "reason": "corrupt_shard"})
     for failure in _raw_status_rows(raw_tar):
-        rows.append({**base, **failure, "key": f"{key_prefix}{failure['key']}", "status": "failed"})
+        rows.append({**base, **failure, "key": _prefixed(key_prefix, failure["key"]), "status": "failed"})
     write_parquet_atomic(make_manifest(rows), out_dir / "manifest_parts" / f"{split}-{index:06d}.parquet")
     return rows
 
@@ -288,8 +293,8 @@ def canonicalise(
 
     ``raw_dirs`` maps a split to its raw directories (a plain list means ``{"train": list}``). Raw shard ``i`` of a
     split (sorted over its directories) becomes ``shards/<split>-%06d.tar`` with key ``<split>_<raw key>`` (or
-    ``<split>_<dir index>_<raw key>`` with several directories): one job per shard, run in ``workers`` processes,
-    resumable (a shard whose manifest part exists is kept).
+    ``<split>_<dir index>_<raw key>`` with several directories; a raw key that already starts so is kept).
+    One job per shard, run in ``workers`` processes, resumable (a shard whose manifest part exists is kept).
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)

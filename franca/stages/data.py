@@ -40,9 +40,14 @@ def run_fetch(args: argparse.Namespace) -> int:
     with job("fetch", args, ds, out, inputs=external, tags={"dataset": args.dataset}) as current:
         summary = _acquire(ds, out)
         current.extra["fetch_report"] = summary
-        current.extra["sources"] = [{"dataset": args.dataset, "source": ds["source"],
-                                     "location": ds.get("url_list") or ds.get("root") or "generated",
-                                     "license": ds.get("license", "unknown")}]
+        current.extra["sources"] = [
+            {
+                "dataset": args.dataset,
+                "source": ds["source"],
+                "location": ds.get("url_list") or ds.get("root") or "generated",
+                "license": ds.get("license", "unknown"),
+            }
+        ]
     return 0
 
 
@@ -53,8 +58,14 @@ def _acquire(ds: dict, out: Path) -> dict:
 
         tmp = out / "_generated"
         summary = synthetic.generate(
-            tmp, seed=ds["seed"], n_train=ds["n_train"], n_val=ds["n_val"], n_test=ds["n_test"],
-            image_size=ds["image_size"], n_classes=ds["n_classes"], shard_size=ds["shard_size"],
+            tmp,
+            seed=ds["seed"],
+            n_train=ds["n_train"],
+            n_val=ds["n_val"],
+            n_test=ds["n_test"],
+            image_size=ds["image_size"],
+            n_classes=ds["n_classes"],
+            shard_size=ds["shard_size"],
             position_bias=ds["position_bias"],
         )
         for tar in sorted((tmp / "shards").glob("*.tar")):  # raw/<split>/<split>-%06d.tar
@@ -67,8 +78,9 @@ def _acquire(ds: dict, out: Path) -> dict:
         from franca.data.fetch import fetch_urls
 
         keys = ("url_col", "caption_col", "timeout", "retries", "resize_max_side", "reencode", "concurrency")
-        return fetch_urls(ds["url_list"], out / "train", shard_size=ds["shard_size"],
-                          **{k: ds[k] for k in keys if k in ds})
+        return fetch_urls(
+            ds["url_list"], out / "train", shard_size=ds["shard_size"], **{k: ds[k] for k in keys if k in ds}
+        )
     if source in ("folder", "in21k_tars"):
         from franca.data import sources
 

@@ -60,25 +60,42 @@ def run_features(args: argparse.Namespace) -> int:
     geo = {"resize_size": size, "crop_size": size, "batch_size": int(ev["batch_size"])}
     n_blocks = max(ev.get("linear", {}).get("n_last_blocks_list", [4]) or [4])
     out = Path(args.out)
-    inputs = [args.checkpoint, *{p for ds in {cls_data["dataset"], dense["dataset"]}
-                                 for p in shard_files(f"data/{ds}/shards", "*")}]
+    inputs = [
+        args.checkpoint,
+        *{p for ds in {cls_data["dataset"], dense["dataset"]} for p in shard_files(f"data/{ds}/shards", "*")},
+    ]
     with job("features", args, {**sc, "img_size": size}, out, inputs, {"ckpt": args.ckpt_kind}) as current:
-        limits = {"train": ev.get("max_train_images"), "val": ev.get("max_eval_images"),
-                  "test": ev.get("max_eval_images")}
-        linear = {split: extract_linear_features(backbone, _samples(cls_data["dataset"], cls_data[split],
-                                                                    limits[split]), n_last_blocks=n_blocks, **geo)
-                  for split in ("train", "val", "test")}
+        limits = {
+            "train": ev.get("max_train_images"),
+            "val": ev.get("max_eval_images"),
+            "test": ev.get("max_eval_images"),
+        }
+        linear = {
+            split: extract_linear_features(
+                backbone, _samples(cls_data["dataset"], cls_data[split], limits[split]), n_last_blocks=n_blocks, **geo
+            )
+            for split in ("train", "val", "test")
+        }
         dense_limits = {"train": ev.get("max_dense_train_images"), "val": ev.get("max_eval_images")}
-        patches = {split: extract_patch_features(backbone, _samples(dense["dataset"], dense[split],
-                                                                    dense_limits[split]), **geo)
-                   for split in ("train", "val")}
-        features = {"linear": linear, "dense": patches, "num_classes": int(dense["n_classes"]),
-                    "checkpoint": str(args.checkpoint), "img_size": size}
+        patches = {
+            split: extract_patch_features(
+                backbone, _samples(dense["dataset"], dense[split], dense_limits[split]), **geo
+            )
+            for split in ("train", "val")
+        }
+        features = {
+            "linear": linear,
+            "dense": patches,
+            "num_classes": int(dense["n_classes"]),
+            "checkpoint": str(args.checkpoint),
+            "img_size": size,
+        }
         torch.save(features, out / "features.pt")
         n = int(ev.get("pca_images", 4))
         pca_images = _pca_images(dense["dataset"], dense["val"], n, size)
-        torch.save({"pca_images": pca_images, "pca_patch_tokens": patches["val"]["patch_tokens"][:n].clone()},
-                   out / "pca.pt")
+        torch.save(
+            {"pca_images": pca_images, "pca_patch_tokens": patches["val"]["patch_tokens"][:n].clone()}, out / "pca.pt"
+        )
         current.outputs = [out / "features.pt", out / "pca.pt"]
     return 0
 
@@ -111,10 +128,18 @@ def run_rasa(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rasa = sc["rasa"]
     with job("rasa", args, sc, out, [args.features, args.checkpoint], {"checkpoint": args.checkpoint}) as current:
-        head, rounds = train_rasa(tokens["train"], rounds=rasa["rounds"], epochs=rasa["epochs"],
-                                  batch_size=rasa["batch_size"], lr=rasa["lr"], seed=rasa["seed"],
-                                  weight_decay=rasa["weight_decay"], use_pos_pred=rasa["use_pos_pred"],
-                                  eval_tokens=tokens["val"], orthogonalize=rasa["orthogonalize"])
+        head, rounds = train_rasa(
+            tokens["train"],
+            rounds=rasa["rounds"],
+            epochs=rasa["epochs"],
+            batch_size=rasa["batch_size"],
+            lr=rasa["lr"],
+            seed=rasa["seed"],
+            weight_decay=rasa["weight_decay"],
+            use_pos_pred=rasa["use_pos_pred"],
+            eval_tokens=tokens["val"],
+            orthogonalize=rasa["orthogonalize"],
+        )
         head.save(out / "rasa_head.pt", checkpoint=str(args.checkpoint))
         (out / "report.json").write_text(json.dumps(rounds, indent=1))
         for i, row in enumerate(rounds):
@@ -138,8 +163,9 @@ def evaluate(bench: str, feats: dict, cfg: dict, rasa_head=None) -> dict:
     head = rasa_head or (lambda x: x)
     tr, va = (head(dense[s]["patch_tokens"]) for s in ("train", "val"))
     if bench == "position_probe":
-        return position_probe.evaluate_position_probe(dense["train"]["patch_tokens"], dense["val"]["patch_tokens"],
-                                                      rasa_head=rasa_head, **kw)
+        return position_probe.evaluate_position_probe(
+            dense["train"]["patch_tokens"], dense["val"]["patch_tokens"], rasa_head=rasa_head, **kw
+        )
     if bench == "overcluster":
         return overcluster.overcluster_eval(va, dense["val"]["segs"], n_cls, **kw)
     fn = hummingbird.hummingbird_eval if bench == "hummingbird" else linseg.linseg_eval

@@ -28,8 +28,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = {"preset": args.preset, "experiments": experiments}
     with job("paper", args, cfg, out, inputs=[], tags={"preset": args.preset}) as current:
         started = time.time()
-        summary = build_paper(Path(args.results), out, experiments=experiments, preset=args.preset,
-                              reference_yaml=reference)
+        summary = build_paper(
+            Path(args.results), out, experiments=experiments, preset=args.preset, reference_yaml=reference
+        )
         current.inputs = [Path(p) for p in summary["inputs"]] + [reference]
         current.extra["build_s"] = round(time.time() - started, 2)
         current.extra["notes"] = summary.get("notes", [])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-pull", action="store_true", help="files are already there; only verify and set times")
     parser.add_argument("--remote", default=None, help="DVC remote name (default: the repo's default remote)")

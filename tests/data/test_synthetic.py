@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from franca.data.manifest import canonicalise
 from franca.data.shards import iter_samples, list_shards
 from franca.data.synthetic import class_colours, generate
 
@@ -121,3 +123,22 @@ def test_position_bias_knob(tmp_path, bias):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="position_bias"):
         generate("/nonexistent", seed=0, n_train=1, n_val=0, n_test=0, position_bias=1.5)
+
+
+def test_shard_stage_on_generated_data_keeps_keys_bytes_and_hashes(dataset, tmp_path):
+    root, _, _ = dataset
+    raw = tmp_path / "raw" / "train"
+    raw.mkdir(parents=True)
+    for tar in list_shards(root / "shards", "train"):
+        shutil.copy(tar, raw / tar.name)
+    canonicalise({"train": [raw]}, tmp_path / "ds")
+    ours = pd.read_parquet(tmp_path / "ds" / "manifest.parquet").set_index("key")
+    generated = pd.read_parquet(root / "manifest.parquet").set_index("key")
+    generated = generated[generated["split"] == "train"]
+    assert list(ours.index) == list(generated.index)  # keys like train_0000000 are not prefixed twice
+    cols = ["sha256", "phash", "layout", "width", "height", "label", "bytes", "format", "shard"]
+    pd.testing.assert_frame_equal(ours[cols], generated[cols])
+    assert (
+        members(tmp_path / "ds" / "shards")["train_0000007.seg.png"]
+        == members(root / "shards")["train_0000007.seg.png"]
+    )

@@ -17,8 +17,11 @@ def test_every_preset_and_experiment_composes_and_validates(preset, experiment):
 
 def test_paper_recipe_follows_training_md():
     """Spec 1.2 / Q7: 625k iterations, 100k warmup, lr 1e-3 (B) / 3.5e-4 (L, g) after the sqrt scaling rule."""
-    for preset, lr, batch in [("paper_vitb14_in21k", 1e-3, 2048), ("paper_vitl14_in21k", 3.5e-4, 3072),
-                              ("paper_vitg14_laion", 3.5e-4, 3072)]:
+    for preset, lr, batch in [
+        ("paper_vitb14_in21k", 1e-3, 2048),
+        ("paper_vitl14_in21k", 3.5e-4, 3072),
+        ("paper_vitg14_laion", 3.5e-4, 3072),
+    ]:
         sc = fc.stage_config(fc.compose(preset, "franca"), "pretrain")
         global_batch = sc["train"]["batch_size_per_gpu"] * sc["train"]["world_size"]
         assert global_batch == batch

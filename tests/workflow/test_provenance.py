@@ -13,8 +13,16 @@ def stage(name, out_dir, outputs, inputs, extra=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     for rel_path, text in outputs.items():
         (out_dir / rel_path).write_text(text)
-    return provenance.write(out_dir, stage=name, inputs=inputs, outputs=[out_dir / p for p in outputs],
-                            config={"k": 1}, mlflow_run_id="run-" + name, started=time.time(), extra=extra)
+    return provenance.write(
+        out_dir,
+        stage=name,
+        inputs=inputs,
+        outputs=[out_dir / p for p in outputs],
+        config={"k": 1},
+        mlflow_run_id="run-" + name,
+        started=time.time(),
+        extra=extra,
+    )
 
 
 @pytest.fixture
@@ -22,12 +30,18 @@ def chain(tmp_path, monkeypatch):
     """source list -> fetch -> shard -> train -> eval -> paper table."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "urls.csv").write_text("url\nhttp://127.0.0.1/a.jpg\n")
-    stage("fetch", tmp_path / "data/ds/raw", {"raw-0.tar": "raw"}, ["urls.csv"],
-          extra={"sources": [{"source": "urls.csv", "license": "CC-BY"}]})
+    stage(
+        "fetch",
+        tmp_path / "data/ds/raw",
+        {"raw-0.tar": "raw"},
+        ["urls.csv"],
+        extra={"sources": [{"source": "urls.csv", "license": "CC-BY"}]},
+    )
     stage("shard", tmp_path / "data/ds/shards", {"train-000000.tar": "shard"}, ["data/ds/raw/raw-0.tar"])
     stage("pretrain", tmp_path / "results/pretrain", {"checkpoint.pt": "weights"}, ["data/ds/shards"])
-    stage("eval", tmp_path / "results/eval", {"knn.json": json.dumps({"top1": 0.5})},
-          ["results/pretrain/checkpoint.pt"])
+    stage(
+        "eval", tmp_path / "results/eval", {"knn.json": json.dumps({"top1": 0.5})}, ["results/pretrain/checkpoint.pt"]
+    )
     stage("paper", tmp_path / "results/paper", {"main.csv": "top1\n0.5\n"}, ["results/eval/knn.json"])
     return tmp_path
 
@@ -36,7 +50,8 @@ def test_record_fields(chain):
     rec = provenance.load(chain / "results/pretrain/provenance.json")
     assert set(rec["outputs"]) == {"results/pretrain/checkpoint.pt"}
     assert rec["inputs"]["data/ds/shards/train-000000.tar"]["sha256"] == provenance.sha256_file(
-        chain / "data/ds/shards/train-000000.tar")
+        chain / "data/ds/shards/train-000000.tar"
+    )
     for key in ("config", "code", "packages", "mlflow_run_id", "wall_time_s", "host", "started", "finished"):
         assert key in rec
     assert rec["packages"]["torch"]
@@ -67,9 +82,14 @@ def test_restore_times_orders_by_dependency(chain):
             os.utime(path, (time.time() + 100 * (hash(path.name) % 7), time.time()))  # scramble, as dvc pull does
     restore.restore_times(["data", "results"])
     mtime = lambda p: (chain / p).stat().st_mtime  # noqa: E731
-    order = ["data/ds/raw/raw-0.tar", "data/ds/shards/train-000000.tar", "results/pretrain/checkpoint.pt",
-             "results/eval/knn.json", "results/paper/main.csv"]
-    assert all(mtime(a) < mtime(b) for a, b in zip(order, order[1:]))
+    order = [
+        "data/ds/raw/raw-0.tar",
+        "data/ds/shards/train-000000.tar",
+        "results/pretrain/checkpoint.pt",
+        "results/eval/knn.json",
+        "results/paper/main.csv",
+    ]
+    assert all(mtime(a) < mtime(b) for a, b in zip(order, order[1:], strict=False))
 
 
 def test_restore_refuses_modified_content(chain):

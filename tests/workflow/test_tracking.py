@@ -33,14 +33,17 @@ def store(tmp_path, monkeypatch):
 def test_parent_and_parallel_children(store):
     parent = tracking.open_parent_run({"run_name": "wf", "kind": "workflow"})
     env = {**os.environ, tracking.ENV_PARENT: parent}
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(i)], env=env, stdout=subprocess.PIPE, text=True)
-             for i in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CHILD, str(i)], env=env, stdout=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
     ids = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs), "a parallel writer failed (database lock?)"
     tracking.close_parent_run(parent)
     client = tracking._client()
-    children = client.search_runs([client.get_experiment_by_name("test").experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    children = client.search_runs(
+        [client.get_experiment_by_name("test").experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
     assert sorted(r.info.run_id for r in children) == sorted(ids)
     for run in children:
         assert run.data.params["a.b"] == "1" and run.data.tags["rule"] == "t"

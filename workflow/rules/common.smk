@@ -38,12 +38,12 @@ def train_launcher(stage):
     """`franca`, `torchrun ... -m franca.cli` (one node, several processes) or `srun torchrun` (several nodes)."""
     nodes, nproc = fc.launch_shape(fc.stage_config(BASE, stage))
     if nodes == 1 and nproc == 1:
-        return FRANCA
+        return "franca"
     torchrun = f"torchrun --nnodes {nodes} --nproc_per_node {nproc}"
     if nodes == 1:
-        return f"FRANCA_RULE={{rule}} {torchrun} --standalone -m franca.cli"
+        return f"{torchrun} --standalone -m franca.cli"
     rdzv = "--rdzv_backend c10d --rdzv_endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
-    return f"FRANCA_RULE={{rule}} srun --ntasks-per-node 1 {torchrun} {rdzv} --rdzv_id $SLURM_JOB_ID -m franca.cli"
+    return f"srun --ntasks-per-node 1 {torchrun} {rdzv} --rdzv_id $SLURM_JOB_ID -m franca.cli"
 
 
 def n_stages(exp):
@@ -88,9 +88,10 @@ def franca_args(wildcards):
     return " ".join(shlex.quote(a) for a in args)
 
 
-# Every job runs `franca` from the environment that runs snakemake; the rule name and wildcards become MLflow tags.
-FRANCA = "FRANCA_RULE={rule} franca"
+# Every job runs `franca` from the environment that runs snakemake (shell: "FRANCA_RULE={rule} franca ..."); the
+# rule name and the stage arguments become MLflow tags.
 TRAIN_LAUNCH = train_launcher("pretrain")
+HIGHRES_LAUNCH = train_launcher("highres")
 
 
 def workflow_onstart():

@@ -10,7 +10,7 @@ rule fetch:
     log:
         "logs/fetch/{dataset}.log",
     shell:
-        "{FRANCA} data fetch --dataset {wildcards.dataset} --out {output} {params.args} 2> {log}"
+        "FRANCA_RULE={rule} franca data fetch --dataset {wildcards.dataset} --out {output} {params.args} 2> {log}"
 
 
 rule shard:
@@ -25,7 +25,7 @@ rule shard:
     log:
         "logs/shard/{dataset}.log",
     shell:
-        "{FRANCA} data shard --dataset {wildcards.dataset} --raw {input} --out data/{wildcards.dataset} "
+        "FRANCA_RULE={rule} franca data shard --dataset {wildcards.dataset} --raw {input} --out data/{wildcards.dataset} "
         "{params.args} 2> {log}"
 
 
@@ -43,4 +43,4 @@ rule dedup:
     log:
         "logs/dedup.log",
     shell:
-        "{FRANCA} data dedup --out data/dedup {params.args} 2> {log}"
+        "FRANCA_RULE={rule} franca data dedup --out data/dedup {params.args} 2> {log}"

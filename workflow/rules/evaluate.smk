@@ -38,7 +38,7 @@ rule evaluate:
     log:
         "logs/eval/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "{FRANCA} eval {params.benches} --features {input.features} "
+        "FRANCA_RULE={rule} franca eval {params.benches} --features {input.features} "
         "--out-dir results/eval/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
 
 
@@ -59,5 +59,5 @@ rule evaluate_rasa:
     log:
         "logs/eval/{exp}/s{seed}/{ckpt}.rasa.log",
     shell:
-        "{FRANCA} eval {params.benches} --features {input.features} --rasa-head {input.head} "
+        "FRANCA_RULE={rule} franca eval {params.benches} --features {input.features} --rasa-head {input.head} "
         "--out-dir results/eval/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"

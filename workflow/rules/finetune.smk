@@ -15,7 +15,7 @@ rule highres_resize:
     log:
         "logs/highres/{exp}/s{seed}.resize.log",
     shell:
-        "{FRANCA} resize-pos-embed --init {input} --out {output} {params.args} 2> {log}"
+        "FRANCA_RULE={rule} franca resize-pos-embed --init {input} --out {output} {params.args} 2> {log}"
 
 
 rule highres:
@@ -29,6 +29,7 @@ rule highres:
     params:
         cfg=params_of("highres"),
         args=franca_args,
+        launch=HIGHRES_LAUNCH,
     wildcard_constraints:
         seed=r"\d+",
     threads: 1
@@ -37,5 +38,5 @@ rule highres:
     log:
         "logs/highres/{exp}/s{seed}.log",
     shell:
-        "{TRAIN_LAUNCH} highres --init {input.init} --out results/highres/{wildcards.exp}/s{wildcards.seed} "
-        "{params.args} 2> {log}"
+        "FRANCA_RULE={rule} {params.launch} highres --init {input.init} "
+        "--out results/highres/{wildcards.exp}/s{wildcards.seed} {params.args} 2> {log}"

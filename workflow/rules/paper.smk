@@ -28,5 +28,5 @@ rule paper:
     log:
         "logs/paper.log",
     shell:
-        "{FRANCA} paper --results results --out results/paper --preset {params.preset} "
+        "FRANCA_RULE={rule} franca paper --results results --out results/paper --preset {params.preset} "
         "--experiments '{params.experiments}' 2> {log}"

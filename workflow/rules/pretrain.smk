@@ -20,6 +20,7 @@ rule pretrain:
         cfg=params_of("pretrain"),
         args=franca_args,
         init=lambda w, input: f"--init {input.init}" if "init" in input.keys() else "",
+        launch=TRAIN_LAUNCH,
     wildcard_constraints:
         stage=r"\d+",
         seed=r"\d+",
@@ -29,5 +30,5 @@ rule pretrain:
     log:
         "logs/pretrain/{exp}/s{seed}/stage{stage}.log",
     shell:
-        "{TRAIN_LAUNCH} pretrain --stage-index {wildcards.stage} {params.init} "
+        "FRANCA_RULE={rule} {params.launch} pretrain --stage-index {wildcards.stage} {params.init} "
         "--out results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{wildcards.stage} {params.args} 2> {log}"

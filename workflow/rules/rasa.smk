@@ -25,7 +25,7 @@ rule features:
     log:
         "logs/features/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "{FRANCA} features --checkpoint {input.ckpt} --ckpt-kind {wildcards.ckpt} "
+        "FRANCA_RULE={rule} franca features --checkpoint {input.ckpt} --ckpt-kind {wildcards.ckpt} "
         "--out results/features/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
 
 
@@ -46,5 +46,5 @@ rule rasa:
     log:
         "logs/rasa/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "{FRANCA} rasa --features {input.features} --checkpoint {input.ckpt} "
+        "FRANCA_RULE={rule} franca rasa --features {input.features} --checkpoint {input.ckpt} "
         "--out results/rasa/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
