@@ -16,8 +16,8 @@ import argparse
 import io
 import json
 import logging
-import platform
 import multiprocessing as mp
+import platform
 import tempfile
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -114,7 +114,9 @@ def test_storage_of_shards_and_checkpoints():
     cfg = compose("paper_vitb14_in21k", "franca")
     assert dataset_storage(cfg, "in21k") == (13_153_499, 13_153_499 * 95_000)
     tiny = compose("tiny", "franca")
-    assert dataset_storage(tiny, "synth") == (2800, 2800 * 64 * 64)  # 2000 + 400 + 400 images of 64 x 64 px
+    ds = tiny["data"]["datasets"]["synth"]
+    n = ds["n_train"] + ds["n_val"] + ds["n_test"]
+    assert dataset_storage(tiny, "synth") == (n, n * 64 * 64)  # n images of 64 x 64 px
     p = plan("paper_vitb14_in21k", {"franca": ONLY_PRETRAIN})
     params = flops.model_params(stage_config(cfg, "pretrain"))["total"]
     assert 300e6 < params < 310e6  # backbone 86 M + DINO MRL head 127 M + iBOT MRL head 93 M
