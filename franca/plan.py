@@ -330,19 +330,26 @@ def format_plan(p: Plan) -> str:
     return "\n".join(text)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="franca plan", description="Jobs, FLOPs, GPU-hours and storage of a run.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--experiments", nargs="+", default=["franca"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--override", action="append", default=[], help="Hydra override (repeatable)")
     parser.add_argument("--gpu-type", choices=sorted(GPU_PEAK_FLOPS))
     parser.add_argument("--mfu", type=float, help="model FLOP utilisation, fraction of the peak (default 0.4)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     exps = {name: {"seeds": args.seeds} for name in args.experiments}
     p = plan(args.preset, exps, args.override, gpu_type=args.gpu_type, mfu=args.mfu)
     sys.stdout.write(format_plan(p) + "\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="franca plan", description="Jobs, FLOPs, GPU-hours and storage of a run.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
