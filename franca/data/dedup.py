@@ -73,6 +73,48 @@ def choose_bands(n: int, threshold: int) -> int:
     return best
 
 
+class _BandTable:
+    """Rows grouped by band value: ``order`` sorts the rows; ``bucket(q)`` gives (first position, size) per value.
+
+    Bands of up to 24 bits use a dense table (one gather per probe); wider bands a binary search.
+    """
+
+    def __init__(self, vals: np.ndarray, width: int):
+        self.order = np.argsort(vals, kind="stable")
+        if width <= 24:
+            counts = np.bincount(vals.astype(np.int64), minlength=1 << width)
+            self.starts, self.counts, self.sorted = np.cumsum(counts) - counts, counts, None
+        else:
+            self.sorted = vals[self.order]
+
+    def bucket(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.sorted is None:
+            idx = q.astype(np.int64)
+            return self.starts[idx], self.counts[idx]
+        lo = np.searchsorted(self.sorted, q, "left")
+        return lo, np.searchsorted(self.sorted, q, "right") - lo
+
+
+def _probe(h, vals, table: _BandTable, pattern: int, rows: np.ndarray, threshold: int) -> tuple[np.ndarray, int]:
+    """Verified pairs ``(min, max, d)`` whose band values differ by ``pattern``, probed from ``rows``.
+
+    Each unordered pair is probed once per pattern: from its member with the smaller band value (pattern != 0), or
+    from its smaller index (pattern 0, same bucket).
+    """
+    q = vals[rows] ^ np.uint64(pattern)  # (R,) band values of the partners
+    if pattern:
+        probe = q > vals[rows]
+        rows, q = rows[probe], q[probe]
+    lo, cnt = table.bucket(q)  # first sorted position and size of each partner bucket
+    ii = np.repeat(rows, cnt)
+    jj = table.order[np.repeat(lo, cnt) + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)]
+    if not pattern:
+        ii, jj = ii[ii < jj], jj[ii < jj]
+    d = hamming(h[ii], h[jj])
+    ok = d <= threshold
+    return np.stack([np.minimum(ii, jj)[ok], np.maximum(ii, jj)[ok], d[ok]], axis=1), len(ii)
+
+
 def near_duplicate_pairs(
     hashes: np.ndarray, threshold: int, n_bands: int | None = None, block: int = 1 << 16
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
@@ -91,22 +133,12 @@ def near_duplicate_pairs(
     for b in range(m):
         width = int(bounds[b + 1] - bounds[b])
         vals = (h >> np.uint64(64 - bounds[b + 1])) & np.uint64((1 << width) - 1)  # (n,)
-        order = np.argsort(vals, kind="stable")
-        sorted_vals = vals[order]
-        for p in _patterns(width, radius):
+        table = _BandTable(vals, width)
+        for p in _patterns(width, radius).tolist():
             for start in range(0, n, block):
-                q = vals[start : start + block] ^ p
-                lo, hi = np.searchsorted(sorted_vals, q, "left"), np.searchsorted(sorted_vals, q, "right")
-                cnt = hi - lo  # bucket size per query
-                ii = np.repeat(np.arange(start, start + len(q)), cnt)
-                offsets = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-                jj = order[np.repeat(lo, cnt) + offsets]
-                keep = ii < jj
-                ii, jj = ii[keep], jj[keep]
-                candidates += len(ii)
-                d = hamming(h[ii], h[jj])
-                ok = d <= threshold
-                found.append(np.stack([ii[ok], jj[ok], d[ok]], axis=1))
+                pairs, checked = _probe(h, vals, table, p, np.arange(start, min(start + block, n)), threshold)
+                found.append(pairs)
+                candidates += checked
     pairs = np.unique(np.concatenate(found, axis=0), axis=0) if found else np.zeros((0, 3), dtype=np.int64)
     pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 2], pairs[:, 1]))]  # by j, then d, then i
     stats = {"bands": m, "radius_per_band": radius, "candidates": candidates, "pairs": len(pairs)}

@@ -30,7 +30,7 @@ DENSE = set(BASE["eval"]["dense_benchmarks"])
 
 
 def train_resources(stage):
-    """Per-rule resources from the stage config (GPUs, nodes, runtime...): used by the SLURM profile."""
+    """Resources of a training rule from its stage config (GPUs, nodes, runtime); read by the SLURM profile."""
     return rule_resources(fc.stage_config(BASE, stage), stage)
 
 
@@ -88,7 +88,7 @@ def franca_args(wildcards):
     return " ".join(shlex.quote(a) for a in args)
 
 
-# Every job runs `franca` from the environment that runs snakemake (shell: "FRANCA_RULE={rule} franca ..."); the
+# Every job runs `franca` from the environment that runs snakemake (shell: "FRANCA_RULE=<rule> franca ..."); the
 # rule name and the stage arguments become MLflow tags.
 TRAIN_LAUNCH = train_launcher("pretrain")
 HIGHRES_LAUNCH = train_launcher("highres")
@@ -104,3 +104,53 @@ def workflow_onsuccess():
 
 def workflow_onerror():
     hooks.onerror(config)
+
+
+# --- input/output helpers of the rules ------------------------------------------------------------------
+
+
+def pretrain_inputs(wildcards):
+    stage = int(wildcards.stage)
+    inputs = {"kept": "data/dedup/kept.txt", "shards": shard_dir(dataset_of("pretrain", wildcards.exp))}
+    if stage > 1:
+        inputs["init"] = f"results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{stage - 1}/checkpoint.pt"
+    return inputs
+
+
+def eval_shards(wildcards):
+    data = cfg(wildcards.exp)["data"]
+    names = {data["classification"]["dataset"], data["dense"]["dataset"], data["rasa"]["dataset"]}
+    names |= {data["classification"].get("val_dataset")} - {None}
+    return [shard_dir(name) for name in sorted(names)]
+
+
+def eval_outputs(exp, seed, ckpt):
+    out = [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}.json" for bench in BENCHMARKS]
+    if EXPERIMENTS[exp]["rasa"]:
+        out += [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}_rasa.json" for bench in DENSE_LIST]
+    return out
+
+
+def eval_params(benches):
+    def get(wildcards):
+        full = cfg(wildcards.exp, wildcards.seed)
+        return fc.canonical_json({b: fc.stage_config(full, f"eval:{b}") for b in benches})
+
+    return get
+
+
+DENSE_LIST = [bench for bench in BENCHMARKS if bench in DENSE]
+
+
+def paper_inputs(wildcards):
+    inputs = {"dedup": "data/dedup/report.json", "metrics": [], "evals": [], "rasa": [], "pca": []}
+    for exp, seed in RUNS:
+        inputs["metrics"].append(f"results/pretrain/{exp}/s{seed}/stage{n_stages(exp)}/metrics.jsonl")
+        for ckpt in checkpoint_kinds(exp):
+            if ckpt == "highres":
+                inputs["metrics"].append(f"results/highres/{exp}/s{seed}/metrics.jsonl")
+            inputs["evals"] += eval_outputs(exp, seed, ckpt)
+            inputs["pca"].append(f"results/features/{exp}/s{seed}/{ckpt}/pca.pt")
+            if EXPERIMENTS[exp]["rasa"]:
+                inputs["rasa"].append(f"results/rasa/{exp}/s{seed}/{ckpt}/report.json")
+    return inputs

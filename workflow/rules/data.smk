@@ -7,10 +7,12 @@ rule fetch:
     params:
         cfg=lambda w: fc.canonical_json(fc.dataset_config(BASE, w.dataset)),
         args=franca_args,
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/fetch/{dataset}.log",
     shell:
-        "FRANCA_RULE={rule} franca data fetch --dataset {wildcards.dataset} --out {output} {params.args} 2> {log}"
+        "FRANCA_RULE=fetch franca data fetch --dataset {wildcards.dataset} --out {output} {params.args} 2> {log}"
 
 
 rule shard:
@@ -22,10 +24,12 @@ rule shard:
     params:
         cfg=lambda w: fc.canonical_json(fc.dataset_config(BASE, w.dataset)),
         args=franca_args,
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/shard/{dataset}.log",
     shell:
-        "FRANCA_RULE={rule} franca data shard --dataset {wildcards.dataset} --raw {input} --out data/{wildcards.dataset} "
+        "FRANCA_RULE=shard franca data shard --dataset {wildcards.dataset} --raw {input} --out data/{wildcards.dataset} "
         "{params.args} 2> {log}"
 
 
@@ -40,7 +44,9 @@ rule dedup:
     params:
         cfg=lambda w: fc.canonical_json(BASE["data"]["dedup"]),
         args=franca_args,
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/dedup.log",
     shell:
-        "FRANCA_RULE={rule} franca data dedup --out data/dedup {params.args} 2> {log}"
+        "FRANCA_RULE=dedup franca data dedup --out data/dedup {params.args} 2> {log}"

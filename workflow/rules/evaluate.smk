@@ -4,24 +4,6 @@
 # benchmark's config slice, so editing one benchmark's YAML reruns the jobs that contain it.
 
 
-def eval_outputs(exp, seed, ckpt):
-    out = [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}.json" for bench in BENCHMARKS]
-    if EXPERIMENTS[exp]["rasa"]:
-        out += [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}_rasa.json" for bench in DENSE_LIST]
-    return out
-
-
-def eval_params(benches):
-    def get(wildcards):
-        full = cfg(wildcards.exp, wildcards.seed)
-        return fc.canonical_json({b: fc.stage_config(full, f"eval:{b}") for b in benches})
-
-    return get
-
-
-DENSE_LIST = [bench for bench in BENCHMARKS if bench in DENSE]
-
-
 rule evaluate:
     input:
         features="results/features/{exp}/s{seed}/{ckpt}/features.pt",
@@ -35,10 +17,12 @@ rule evaluate:
         seed=r"\d+",
         ckpt="pretrain|highres",
     threads: 1
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/eval/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "FRANCA_RULE={rule} franca eval {params.benches} --features {input.features} "
+        "FRANCA_RULE=evaluate franca eval {params.benches} --features {input.features} "
         "--out-dir results/eval/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
 
 
@@ -56,8 +40,10 @@ rule evaluate_rasa:
         seed=r"\d+",
         ckpt="pretrain|highres",
     threads: 1
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/eval/{exp}/s{seed}/{ckpt}.rasa.log",
     shell:
-        "FRANCA_RULE={rule} franca eval {params.benches} --features {input.features} --rasa-head {input.head} "
+        "FRANCA_RULE=evaluate_rasa franca eval {params.benches} --features {input.features} --rasa-head {input.head} "
         "--out-dir results/eval/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"

@@ -12,10 +12,12 @@ rule highres_resize:
         args=franca_args,
     wildcard_constraints:
         seed=r"\d+",
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/highres/{exp}/s{seed}.resize.log",
     shell:
-        "FRANCA_RULE={rule} franca resize-pos-embed --init {input} --out {output} {params.args} 2> {log}"
+        "FRANCA_RULE=highres_resize franca resize-pos-embed --init {input} --out {output} {params.args} 2> {log}"
 
 
 rule highres:
@@ -35,8 +37,10 @@ rule highres:
     threads: 1
     resources:
         **train_resources("highres"),
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/highres/{exp}/s{seed}.log",
     shell:
-        "FRANCA_RULE={rule} {params.launch} highres --init {input.init} "
+        "FRANCA_RULE=highres {params.launch} highres --init {input.init} "
         "--out results/highres/{wildcards.exp}/s{wildcards.seed} {params.args} 2> {log}"

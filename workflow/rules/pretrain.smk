@@ -2,14 +2,6 @@
 # in work/ckpt/, which Snakemake never deletes, so a killed job rerun with the same command resumes.
 
 
-def pretrain_inputs(wildcards):
-    stage = int(wildcards.stage)
-    inputs = {"kept": "data/dedup/kept.txt", "shards": shard_dir(dataset_of("pretrain", wildcards.exp))}
-    if stage > 1:
-        inputs["init"] = f"results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{stage - 1}/checkpoint.pt"
-    return inputs
-
-
 rule pretrain:
     input:
         unpack(pretrain_inputs),
@@ -27,8 +19,10 @@ rule pretrain:
     threads: 1
     resources:
         **train_resources("pretrain"),
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/pretrain/{exp}/s{seed}/stage{stage}.log",
     shell:
-        "FRANCA_RULE={rule} {params.launch} pretrain --stage-index {wildcards.stage} {params.init} "
+        "FRANCA_RULE=pretrain {params.launch} pretrain --stage-index {wildcards.stage} {params.init} "
         "--out results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{wildcards.stage} {params.args} 2> {log}"

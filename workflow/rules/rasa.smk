@@ -1,13 +1,6 @@
 # Evaluation features of a frozen checkpoint (cached once, temp), and RASA positional debiasing (spec 5).
 
 
-def eval_shards(wildcards):
-    data = cfg(wildcards.exp)["data"]
-    names = {data["classification"]["dataset"], data["dense"]["dataset"], data["rasa"]["dataset"]}
-    names |= {data["classification"].get("val_dataset")} - {None}
-    return [shard_dir(name) for name in sorted(names)]
-
-
 rule features:
     input:
         ckpt=lambda w: checkpoint_path(w.exp, w.seed, w.ckpt),
@@ -22,10 +15,12 @@ rule features:
         seed=r"\d+",
         ckpt="pretrain|highres",
     threads: 1
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/features/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "FRANCA_RULE={rule} franca features --checkpoint {input.ckpt} --ckpt-kind {wildcards.ckpt} "
+        "FRANCA_RULE=features franca features --checkpoint {input.ckpt} --ckpt-kind {wildcards.ckpt} "
         "--out results/features/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
 
 
@@ -43,8 +38,10 @@ rule rasa:
         seed=r"\d+",
         ckpt="pretrain|highres",
     threads: 1
+    conda:
+        "../../envs/franca.yaml"
     log:
         "logs/rasa/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "FRANCA_RULE={rule} franca rasa --features {input.features} --checkpoint {input.ckpt} "
+        "FRANCA_RULE=rasa franca rasa --features {input.features} --checkpoint {input.ckpt} "
         "--out results/rasa/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
