@@ -27,7 +27,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -115,9 +115,12 @@ def process_image(
 
 
 def _json_value(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A table cell as a JSON value (numpy scalars and arrays, NaN / NA -> None)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
         return None
-    return value.item() if hasattr(value, "item") else value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 async def _download(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:

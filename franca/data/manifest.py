@@ -185,7 +185,8 @@ def _raw_status_rows(raw_tar: Path) -> list[dict[str, Any]]:
     table = pd.read_parquet(status_path)
     if "status" not in table.columns:
         raise ValueError(f"status table {status_path} has no 'status' column")
-    failed = table[~table["status"].isin(["success", "ok"])]
+    failed = table[~table["status"].isin(["success", "ok"])].astype(object)
+    failed = failed.where(failed.notna(), None)  # NA -> None, so that `or` below is safe
     rows = []
     for rec in failed.to_dict("records"):
         reason = rec.get("reason") or f"img2dataset:{rec.get('status')}:{rec.get('error_message')}"

@@ -123,6 +123,7 @@ def run_dedup(args: argparse.Namespace) -> int:
             hamming_threshold=dd["hamming_threshold"],
             eval_hamming_threshold=dd["eval_hamming_threshold"],
             descriptor=dd.get("descriptor", "phash"),
+            **{k: dd[k] for k in ("verify_threshold", "eval_verify_threshold", "layout_threshold") if k in dd},
             train_split=train_split,
             eval_splits=sorted({split for _, split in eval_refs}),
         )

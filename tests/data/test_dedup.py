@@ -60,7 +60,7 @@ def test_multi_index_hashing_equals_brute_force():
     near = np.array([base[i] ^ flips[i % 13] for i in range(120)], dtype=np.uint64)  # distances 0..12
     hashes = np.concatenate([base, near])
     full = hamming(hashes[:, None], hashes[None, :])
-    for threshold, bands in [(10, None), (10, 4), (6, 7), (12, 4), (0, None)]:
+    for threshold, bands in [(10, None), (10, 4), (6, 7), (12, 4), (4, 2), (0, None)]:  # (4, 2): 32-bit bands
         i, j, d, stats = near_duplicate_pairs(hashes, threshold, n_bands=bands)
         bi, bj = np.nonzero(np.triu(full <= threshold, k=1))
         assert set(zip(i.tolist(), j.tolist(), strict=True)) == set(zip(bi.tolist(), bj.tolist(), strict=True))
@@ -112,12 +112,12 @@ def planted(tmp_path_factory):
             groups[key] = i
     manifest = write_dataset(root / "train_ds", {"train": train_items})
     eval_manifest = write_dataset(root / "eval_ds", {"val": eval_items})
-    return root, manifest, eval_manifest, groups, truth
+    report = deduplicate(manifest, [eval_manifest], root / "dedup")  # default thresholds and descriptor
+    return root, manifest, eval_manifest, groups, truth, report
 
 
 def test_planted_duplicates_recall_precision_and_eval_copies(planted):
-    root, manifest, eval_manifest, groups, truth = planted
-    report = deduplicate(manifest, [eval_manifest], root / "dedup")
+    root, manifest, eval_manifest, groups, truth, report = planted
     removed = pd.read_parquet(root / "dedup" / "removed.parquet")
     kept = (root / "dedup" / "kept.txt").read_text().split()
     assert len(kept) + len(removed) == report["n_train"] == 300 + 150 + 60
@@ -148,7 +148,7 @@ def test_planted_duplicates_recall_precision_and_eval_copies(planted):
 
 def test_embedding_descriptor_path(planted, tmp_path):
     torch = pytest.importorskip("torch")
-    root, manifest, eval_manifest, groups, _ = planted
+    root, manifest, eval_manifest, groups, _, _ = planted
 
     class Thumb(torch.nn.Module):  # a toy "copy detector": 8 x 8 mean-centred thumbnail of each channel
         def forward(self, x):
@@ -181,16 +181,13 @@ def test_corrupt_manifest_path_is_named(tmp_path):
 
 
 def test_datacard_from_manifests_and_dedup_report(planted, tmp_path):
-    root, manifest, eval_manifest, _, _ = planted
-    report = deduplicate(manifest, [eval_manifest], tmp_path / "dedup")
+    root, manifest, _, _, _, report = planted
     extra = pd.read_parquet(manifest)
     failure = {c: None for c in extra.columns} | {"key": "train_x", "status": "failed", "reason": "http_404"}
     extra = pd.concat([extra, pd.DataFrame([failure])], ignore_index=True)
     (tmp_path / "ds").mkdir()
     extra.to_parquet(tmp_path / "ds" / "manifest.parquet")
-    text = write_datacard(
-        [tmp_path / "ds" / "manifest.parquet"], tmp_path / "dedup" / "report.json", tmp_path / "card.md"
-    )
+    text = write_datacard([tmp_path / "ds" / "manifest.parquet"], root / "dedup" / "report.json", tmp_path / "card.md")
     assert (tmp_path / "card.md").read_text() == text
     assert "| ds / train | 510 |" in text and "| http_404 | 1 |" in text
     assert f"| near_duplicate | {report['removed']['near_duplicate']} |" in text
