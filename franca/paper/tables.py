@@ -133,7 +133,7 @@ DENSE_COLUMNS = (
     LINSEG,
     MetricColumn("overcluster_miou_kc", "overcluster mIoU (K=C)", "overcluster", _overcluster("c")),
     MetricColumn("overcluster_miou_kmax", "overcluster mIoU (max K)", "overcluster", _overcluster("max")),
-    MetricColumn("position_r2", "position R^2", "position", _first_of("r2"), kind="r2"),
+    MetricColumn("position_r2", "position R^2", "position_probe", _first_of("r2"), kind="r2"),
 )
 MAIN_COLUMNS = (
     KNN_TOP1,

@@ -48,9 +48,9 @@ BENCH_METRICS = {
     "hummingbird": ["miou"],
     "linseg": ["miou"],
     "overcluster": ["miou_k10", "miou_k30", "miou_k100"],
-    "position": ["r2"],
+    "position_probe": ["r2"],
 }
-DENSE = ("hummingbird", "linseg", "overcluster", "position")
+DENSE = ("hummingbird", "linseg", "overcluster", "position_probe")
 # one deliberately missing file: dinov2 seed 1 highres linseg
 MISSING = {("dinov2", 1, "highres", "linseg")}
 

@@ -62,7 +62,7 @@ def test_main_table_mean_std_over_seeds(paper):
         mean, std = _mean_std([100 * metric_value("franca", s, "pretrain", bench, metric) for s in (0, 1)])
         assert row[key] == pytest.approx(mean) and row[f"{key}_std"] == pytest.approx(std), key
         assert row[f"{key}_n"] == 2
-    r2_mean, _ = _mean_std([metric_value("franca", s, "pretrain", "position", "r2") for s in (0, 1)])
+    r2_mean, _ = _mean_std([metric_value("franca", s, "pretrain", "position_probe", "r2") for s in (0, 1)])
     assert row["position_r2"] == pytest.approx(r2_mean)  # R^2 is not scaled to percent
     assert row["knn_top1"] == pytest.approx(51.0)  # (50 + 52) / 2, by hand
     assert row["knn_top1_std"] == pytest.approx(math.sqrt(2.0))
@@ -81,8 +81,8 @@ def test_ablation_deltas_vs_baseline(paper):
     assert franca["hummingbird_miou_delta"] == pytest.approx(10.0)  # EXP_OFFSET 0.10 in percent
     franca_rasa = _row(df, checkpoint="pretrain", variant="Franca", RASA="yes")
     assert franca_rasa["hummingbird_miou_delta"] == pytest.approx(13.0)  # + 0.03 for the RASA files
-    base_r2 = _mean_std([metric_value("dinov2", s, "pretrain", "position", "r2") for s in (0, 1)])[0]
-    rasa_r2 = _mean_std([metric_value("franca", s, "pretrain", "position", "r2", True) for s in (0, 1)])[0]
+    base_r2 = _mean_std([metric_value("dinov2", s, "pretrain", "position_probe", "r2") for s in (0, 1)])[0]
+    rasa_r2 = _mean_std([metric_value("franca", s, "pretrain", "position_probe", "r2", True) for s in (0, 1)])[0]
     assert franca_rasa["position_r2_delta"] == pytest.approx(rasa_r2 - base_r2)
     baseline = _row(df, checkpoint="pretrain", variant="DINOv2 baseline", RASA="no")
     assert baseline["hummingbird_miou_delta"] == 0.0 and "baseline of Δ" in baseline["note"]

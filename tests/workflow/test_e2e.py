@@ -58,7 +58,7 @@ def dry_run_jobs(repo: Path, *extra: str) -> dict[str, int]:
 def run(tmp_path_factory) -> dict:
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     start = time.time()
-    result = sh(["snakemake", "--cores", "2", "--profile", "workflow/profiles/local"], repo, timeout=1800)
+    result = sh(["snakemake", "--cores", "2", "--profile", "workflow/profiles/local"], repo, timeout=3600)
     return {"repo": repo, "wall_s": time.time() - start, "log": result.stderr}
 
 

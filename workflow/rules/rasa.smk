@@ -1,4 +1,5 @@
-# Evaluation features of a frozen checkpoint (cached once, temp), and RASA positional debiasing (spec 5).
+# Evaluation features of a frozen checkpoint (cached once and kept, so that editing one benchmark reruns only
+# that benchmark, and the audit can re-hash them), and RASA positional debiasing (spec 5).
 
 
 rule features:
@@ -6,7 +7,7 @@ rule features:
         ckpt=lambda w: checkpoint_path(w.exp, w.seed, w.ckpt),
         shards=eval_shards,
     output:
-        features=temp("results/features/{exp}/s{seed}/{ckpt}/features.pt"),
+        features="results/features/{exp}/s{seed}/{ckpt}/features.pt",
         pca="results/features/{exp}/s{seed}/{ckpt}/pca.pt",
     params:
         cfg=params_of("features"),

@@ -1,0 +1,264 @@
+"""Distributed training inside the pretrain rule (issue 6): torchrun with 2 gloo processes, and `srun -n 2`.
+
+What "the same weights as the equivalent single-process run" can mean here:
+
+* Data. ``ShardStream`` gives rank r of W the shards ``[r::W]`` of each epoch's shard permutation, so in a step
+  rank 0 reads from one shard and rank 1 from another, while one process with the doubled batch reads its first
+  32 samples from the first shard alone: a plain ``batch_size_per_gpu=32`` run trains on other images.
+* Augmentations draw from torch's global RNG, seeded ``seed + rank`` on each rank; the iBOT masks come from
+  per-rank masking/collation RNGs and their ratios are stratified per rank batch. One process cannot draw the
+  same crops and masks with one RNG stream.
+* KoLeo searches nearest neighbours inside each GPU's batch (spec 2.3) and drop path draws per-rank numbers:
+  both are set to 0 (``dino.koleo_loss_weight=0``, ``model.drop_path_rate=0``).
+
+So exact equality with a plain single-process run is impossible by design. What must hold, and is asserted: a
+single process that trains on the *same* batches - each step's two rank batches, built by the real per-rank
+``DataPipeline`` with each rank's RNG streams and concatenated crop-major (``upperbound`` summed, so the iBOT
+Sinkhorn-Knopp sees the same zero-feature padding rows) - ends with the weights of the 2-process run up to float
+summation order: Sinkhorn-Knopp all-reduces, every loss term is a mean over equal per-rank batches and DDP averages
+the gradients. That reference run is the real ``franca pretrain`` command with ``train.world_size=1,
+train.batch_size_per_gpu=32`` and ``franca.train.loop.DataPipeline`` replaced by :class:`MergedRankPipeline`
+(this file run as a script). The srun run (SLURM environment init path) must give the torchrun run's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+CKPT = "results/pretrain/franca/s0/stage1/checkpoint.pt"  # = conftest.CKPT
+WORLD = 2
+DIST_CHANGES = {
+    "train.world_size": WORLD,
+    "train.batch_size_per_gpu": 16,
+    "dino.koleo_loss_weight": 0,
+    "model.drop_path_rate": 0,
+}
+SINGLE_CHANGES = {**DIST_CHANGES, "train.world_size": 1, "train.batch_size_per_gpu": 16 * WORLD}
+# float summation order (gloo all-reduce of gradients and Sinkhorn-Knopp sums vs one process): measured max abs
+# difference ~1e-7 after 6 AdamW steps at lr ~1e-3
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def concatenate_rank_batches(batches: list[dict]) -> dict:
+    """The batch one process sees for the given per-rank collated batches (docs/interfaces.md batch dict):
+    per crop index, the images of rank 0, then rank 1... (crop-major), masks re-indexed, ``upperbound`` summed."""
+
+    def by_crop(key: str, n_crops: int) -> torch.Tensor:
+        parts = [b[key].chunk(n_crops) for b in batches]
+        return torch.cat([p[c] for c in range(n_crops) for p in parts])
+
+    n_local = 2 * len(batches[0]["collated_local_crops"]) // len(batches[0]["collated_global_crops"])  # L of L*B
+    masks = by_crop("collated_masks", 2)  # (2 W B, N)
+    indices = masks.flatten().nonzero().flatten()
+    per_image = masks.sum(-1, keepdim=True).clamp(min=1).float()
+    return {
+        "collated_global_crops": by_crop("collated_global_crops", 2),
+        "collated_local_crops": by_crop("collated_local_crops", n_local)
+        if n_local
+        else batches[0]["collated_local_crops"],
+        "collated_masks": masks,
+        "mask_indices_list": indices,
+        "masks_weight": (1.0 / per_image).expand_as(masks)[masks],
+        "n_masked_patches": torch.tensor([indices.numel()]),
+        "upperbound": sum(int(b["upperbound"]) for b in batches),
+    }
+
+
+class MergedRankPipeline:
+    """Stand-in for ``franca.train.loop.DataPipeline`` in a 1-process run: each batch is the concatenation of the
+    batches that ranks 0..n-1 of an n-process run would draw (their own ``DataPipeline``, shard split, masking and
+    collation RNGs, and global torch/NumPy/Python RNG streams seeded ``seed + rank`` as ``train`` does per rank)."""
+
+    def __init__(self, cfg, shards, kept_keys, seed, rank, world_size, start_sample, *, n_ranks: int, base):
+        from franca.train.checkpoint import capture_rng_state, restore_rng_state
+
+        if (rank, world_size, start_sample) != (0, 1, 0):
+            raise ValueError("MergedRankPipeline emulates ranks inside one fresh (not resumed) process")
+        self._capture, self._restore = capture_rng_state, restore_rng_state
+        self.batch_size = int(cfg["train"]["batch_size_per_gpu"])
+        if self.batch_size % n_ranks:
+            raise ValueError(f"batch {self.batch_size} not divisible by {n_ranks} ranks")
+        per_rank = copy.deepcopy(cfg)
+        per_rank["train"]["batch_size_per_gpu"] = self.batch_size // n_ranks
+        outer = capture_rng_state()
+        self.pipes, self.states = [], []
+        for r in range(n_ranks):
+            torch.manual_seed(seed + r)  # what franca.train.loop.train does on rank r before building its pipeline
+            np.random.seed(seed + r)
+            __import__("random").seed(seed + r)
+            self.pipes.append(base(per_rank, shards, kept_keys, seed, r, n_ranks, 0))
+            self.states.append(capture_rng_state())
+        restore_rng_state(outer)
+        self.generators = {f"rank{r}_{k}": g for r, p in enumerate(self.pipes) for k, g in p.generators.items()}
+
+    @property
+    def position(self) -> int:
+        return sum(p.position for p in self.pipes)
+
+    def next_batch(self) -> dict:
+        outer, batches = self._capture(), []
+        for r, pipe in enumerate(self.pipes):
+            self._restore(self.states[r])
+            batches.append(pipe.next_batch())
+            self.states[r] = self._capture()
+        self._restore(outer)
+        return concatenate_rank_batches(batches)
+
+
+def _reference_main(argv: list[str]) -> int:
+    """``python test_distributed_rule.py N_RANKS <franca args>``: `franca <args>` with the merged pipeline."""
+    import functools
+
+    from franca import cli
+    from franca.train import loop
+
+    loop.DataPipeline = functools.partial(MergedRankPipeline, n_ranks=int(argv[0]), base=loop.DataPipeline)
+    return cli.main(argv[1:])
+
+
+def _franca_args(out: str, overrides: list[str]) -> list[str]:
+    """The arguments the pretrain rule passes (franca.config.stage_args), with another output directory."""
+    from franca.config import stage_args
+
+    return ["pretrain", "--stage-index", "1", "--out", out, *stage_args("tiny", "franca", 0, overrides)]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 6
+    return {f"{tree}.{k}": v for tree in ("student", "teacher") for k, v in ckpt[tree].items()}
+
+
+def _losses(path: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dist_rule(cluster, local_subset, tmp_path_factory) -> dict:
+    """The pretrain rule with train.world_size=2 in a copy of the local subset run (its data, nothing else)."""
+    local_subset.wait(cluster.LOCAL_TIMEOUT_S)
+    repo = tmp_path_factory.mktemp("dist") / "repo"
+    shutil.copytree(local_subset.cwd, repo, symlinks=True)
+    shutil.rmtree(repo / "results")
+    shutil.rmtree(repo / "work", ignore_errors=True)
+    overrides = cluster.subset_overrides(DIST_CHANGES)
+    config = cluster.write_config(repo.parent / "dist.yaml", overrides)
+    start = time.monotonic()
+    cmd = cluster.snakemake_cmd(600, CKPT, "-p", "--cores", "2", f"--configfile={config}", "--rerun-triggers=mtime")
+    result = cluster.sh(cmd, repo, timeout=660)
+    return {"repo": repo, "overrides": overrides, "stdout": result.stdout, "wall_s": time.monotonic() - start}
+
+
+def test_rule_launches_torchrun_with_two_gloo_processes(dist_rule):
+    repo = dist_rule["repo"]
+    assert "torchrun --nnodes 1 --nproc_per_node 2 --standalone -m franca.cli pretrain" in dist_rule["stdout"]
+    log = (repo / "logs/pretrain/franca/s0/stage1.log").read_text()
+    for rank in range(WORLD):
+        assert f"init process group backend=gloo rank={rank}/{WORLD}" in log, log[-3000:]
+    record = json.loads((repo / CKPT).with_name("provenance.json").read_text())
+    assert record["summary"]["world_size"] == WORLD and record["config"]["train"]["batch_size_per_gpu"] == 16
+    # rank 0 alone wrote the outputs: one line per logged iteration, one rolling checkpoint with both ranks' state
+    logged = [
+        json.loads(line)["iteration"] for line in (repo / CKPT).with_name("metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == [0, 5]
+    rolling = list((repo / "work/ckpt/pretrain/franca/s0/stage1").glob("ckpt-*.pt"))
+    assert len(rolling) == 1
+    state = torch.load(rolling[0], map_location="cpu", weights_only=True)
+    assert state["world_size"] == WORLD and state["data_position"] == [3 * 16] * WORLD
+    print(f"2-process pretrain rule: {dist_rule['wall_s']:.0f} s")
+
+
+def test_rank_split_reads_other_samples_than_one_process(dist_rule):
+    """Why the reference needs the merged pipeline: per-rank shard split vs the single-process sample order."""
+    from franca.data.shards import ShardStream, list_shards
+
+    repo = dist_rule["repo"]
+    shards = list_shards(repo / "data/synth/shards", "train")
+    kept = set((repo / "data/dedup/kept.txt").read_text().split())
+
+    def first_keys(rank: int, world: int, n: int) -> list[str]:
+        stream = ShardStream(shards, kept_keys=kept, seed=0, rank=rank, world_size=world, transform=lambda s: s["key"])
+        keys = iter(stream)
+        return [next(keys) for _ in range(n)]
+
+    ranks = [first_keys(r, WORLD, 16) for r in range(WORLD)]
+    single = first_keys(0, 1, 16 * WORLD)
+    assert ranks[0] == single[:16]  # rank 0's first shard is the single process's first shard
+    assert not set(ranks[1]) & set(single)  # rank 1 reads another shard; one process is still in the first one
+
+
+def test_torchrun_rule_equals_single_process_on_merged_batches(cluster, dist_rule):
+    repo = dist_rule["repo"]
+    out = "results/reference/franca/s0/stage1"
+    overrides = cluster.subset_overrides(SINGLE_CHANGES)
+    args = _franca_args(out, overrides)
+    start = time.monotonic()
+    cluster.sh([sys.executable, str(Path(__file__).resolve()), str(WORLD), *args], repo, timeout=600)
+    wall = time.monotonic() - start
+    ref, dist = _weights(repo / out / "checkpoint.pt"), _weights(repo / CKPT)
+    assert ref.keys() == dist.keys()
+    diffs = {k: float((ref[k] - dist[k]).abs().max()) for k in ref}
+    for key in ref:
+        torch.testing.assert_close(dist[key], ref[key], atol=ATOL, rtol=RTOL, msg=lambda m, k=key: f"{k}: {m}")
+    # the logged loss: mean of the per-rank losses == the loss of the concatenated batch (no KoLeo)
+    assert _losses((repo / CKPT).with_name("metrics.jsonl")) == pytest.approx(
+        _losses(repo / out / "metrics.jsonl"), rel=1e-5
+    )
+    print(f"single-process reference on merged batches: {wall:.0f} s; max |diff| {max(diffs.values()):.2e}")
+
+
+@pytest.fixture(scope="module")
+def srun_run(cluster, dist_rule, slurm_up) -> dict:
+    """`srun -n 2 franca pretrain` with the rule's arguments (SLURM_PROCID/SLURM_NTASKS init path), another --out."""
+    repo = dist_rule["repo"]
+    out = "results/srun/franca/s0/stage1"
+    name = f"franca-test-srun-{time.time_ns()}"
+    srun = ["srun", "-n", str(WORLD), "-c", "1", "-t", "10", "-p", slurm_up, "-J", name, "--kill-on-bad-exit=1"]
+    cmd = ["timeout", "-s", "KILL", "400", *srun, "franca", *_franca_args(out, dist_rule["overrides"])]
+    start = time.monotonic()
+    try:
+        result = cluster.sh(cmd, repo, timeout=450, check=False)
+    finally:
+        subprocess.run(["scancel", "-n", name], capture_output=True, timeout=30)  # no-op once the step ended
+    assert result.returncode == 0, result.stderr[-6000:]
+    return {"repo": repo, "out": repo / out, "stderr": result.stderr, "wall_s": time.monotonic() - start}
+
+
+@pytest.mark.cluster
+def test_srun_two_tasks_equal_torchrun(srun_run):
+    """The srun run trains bit-identical weights to the torchrun rule (same ranks, seeds, data split, gloo)."""
+    for rank in range(WORLD):
+        assert f"init process group backend=gloo rank={rank}/{WORLD}" in srun_run["stderr"]
+    record = json.loads((srun_run["out"] / "provenance.json").read_text())
+    assert record["slurm_job_id"] and record["slurm_job_id"].isdigit()
+    assert record["summary"]["world_size"] == WORLD
+    srun_w, torchrun_w = _weights(srun_run["out"] / "checkpoint.pt"), _weights(srun_run["repo"] / CKPT)
+    for key in torchrun_w:
+        torch.testing.assert_close(srun_w[key], torchrun_w[key], atol=0, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+    print(f"srun -n 2 pretrain: {srun_run['wall_s']:.0f} s (job {record['slurm_job_id']}); = torchrun weights")
+
+
+@pytest.mark.cluster
+@pytest.mark.xfail(
+    strict=True,
+    reason="franca/stages/common.py job() takes rank 0 from $RANK before train() runs init_distributed, which sets "
+    "RANK only then under srun: every srun task writes provenance.json (and opens an MLflow child run)",
+)
+def test_srun_rank0_alone_writes_provenance(srun_run):
+    assert srun_run["stderr"].count("pretrain done in") == 1
+
+
+if __name__ == "__main__":
+    sys.exit(_reference_main(sys.argv[1:]))
