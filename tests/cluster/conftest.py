@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -134,7 +135,13 @@ class Background:
         self.proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self.wall_s: float | None = None
+        self.wall_s: float | None = None  # set by a watcher thread when the command ends
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        self.proc.wait()
+        self.wall_s = time.monotonic() - self.started
 
     def wait(self, timeout: float) -> str:
         """Wait for the command; raise AssertionError with the log tail when it fails. Returns the log."""
@@ -144,8 +151,8 @@ class Background:
             self.stop()
             tail = self.text()[-4000:]
             raise AssertionError(f"{' '.join(self.cmd)} still running after {timeout} s:\n{tail}") from exc
-        if self.wall_s is None:
-            self.wall_s = time.monotonic() - self.started
+        self._watcher.join()
+        if not self._fh.closed:
             self._fh.close()
         if rc != 0:
             raise AssertionError(f"{' '.join(self.cmd)} failed ({rc}):\n{self.text()[-6000:]}")

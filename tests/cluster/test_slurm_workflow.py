@@ -154,7 +154,7 @@ def test_slurm_kill_resume(cluster, slurm_subset, killed_run):
     """The cancelled job is resubmitted, resumes from its rolling checkpoint and ends with the uninterrupted
     (local) run's weights, bit for bit."""
     repo, victim, log = killed_run["repo"], killed_run["victim"], killed_run["log"]
-    state = subprocess.run(["squeue", "-h", "-j", victim, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    state = subprocess.run(["squeue", "-h", "-t", "all", "-j", victim, "-o", "%T"], capture_output=True, text=True)
     assert state.stdout.strip() == "CANCELLED", (victim, state.stdout, state.stderr)
     jobs = cluster.submitted_jobs(log)
     assert len(jobs) == 2 and jobs[0] == victim, f"expected one resubmission of {victim}: {jobs}\n{log[-3000:]}"
