@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@127.0.0.1", "-c", "init.defaultBranch=main"]
 
-# The subset: one experiment, one seed, no high-res stage, no RASA; 6 iterations with a rolling checkpoint every 3;
-# a smaller synthetic set (4 train shards of 160 images) so that every data and eval job takes seconds.
+# The subset: one experiment, one seed, no high-res stage, no RASA; 6 CPU iterations with a rolling checkpoint every
+# 3; a smaller synthetic set (4 train shards of 160 images) so that every data and eval job takes seconds.
 EXPERIMENTS = {"franca": {"seeds": [0], "highres": False, "rasa": False}}
 SUBSET_OVERRIDES = [
+    "run.device=cpu",  # deterministic (bit-equal runs), gloo for 2 processes, and slow enough to scancel mid-way
     "optim.iterations=6",
     "optim.warmup_iters=2",
     "teacher.warmup_teacher_temp_iters=3",

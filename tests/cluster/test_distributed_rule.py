@@ -46,7 +46,7 @@ DIST_CHANGES = {
 }
 SINGLE_CHANGES = {**DIST_CHANGES, "train.world_size": 1, "train.batch_size_per_gpu": 16 * WORLD}
 # float summation order (gloo all-reduce of gradients and Sinkhorn-Knopp sums vs one process): measured max abs
-# difference ~1e-7 after 6 AdamW steps at lr ~1e-3
+# difference 3e-7 to 8e-7 after 6 AdamW steps; a plain batch-32 run (other samples, crops, masks) differs by 1e-2
 ATOL, RTOL = 2e-5, 1e-4
 
 
@@ -157,12 +157,13 @@ def dist_rule(cluster, local_subset, tmp_path_factory) -> dict:
     start = time.monotonic()
     cmd = cluster.snakemake_cmd(600, CKPT, "-p", "--cores", "2", f"--configfile={config}", "--rerun-triggers=mtime")
     result = cluster.sh(cmd, repo, timeout=660)
-    return {"repo": repo, "overrides": overrides, "stdout": result.stdout, "wall_s": time.monotonic() - start}
+    log = result.stdout + result.stderr  # snakemake prints the shell commands (-p) on stderr
+    return {"repo": repo, "overrides": overrides, "log": log, "wall_s": time.monotonic() - start}
 
 
 def test_rule_launches_torchrun_with_two_gloo_processes(dist_rule):
     repo = dist_rule["repo"]
-    assert "torchrun --nnodes 1 --nproc_per_node 2 --standalone -m franca.cli pretrain" in dist_rule["stdout"]
+    assert "torchrun --nnodes 1 --nproc_per_node 2 --standalone -m franca.cli pretrain" in dist_rule["log"]
     log = (repo / "logs/pretrain/franca/s0/stage1.log").read_text()
     for rank in range(WORLD):
         assert f"init process group backend=gloo rank={rank}/{WORLD}" in log, log[-3000:]

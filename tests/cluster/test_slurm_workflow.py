@@ -53,7 +53,7 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_subset(cluster, local_subset, slurm_up, tmp_path_factory):
+def slurm_subset(cluster, slurm_up, local_subset, tmp_path_factory):
     """The subset through the SLURM profile in a fresh copy (the local run goes on in the background meanwhile)."""
     repo = cluster.copy_repo(tmp_path_factory.mktemp("slurm") / "repo")
     config = cluster.write_config(repo.parent / "subset.yaml")
@@ -80,7 +80,7 @@ def test_slurm_workflow(cluster, slurm_subset):
 
     # every record names the SLURM job that wrote it; the local run's records name none
     records, local_records = cluster.provenance_records(repo), cluster.provenance_records(local)
-    assert records.keys() == local_records.keys() and len(records) >= 1 + 1 + 1 + 1 + 1 + 7
+    assert records.keys() == local_records.keys()
     expected = {"data/": data_job, "results/pretrain/": pretrain_job, "results/features/": eval_job}
     expected["results/eval/"] = eval_job
     for path, record in records.items():
@@ -174,8 +174,9 @@ def test_slurm_kill_resume(cluster, slurm_subset, killed_run):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Snakemake deletes the declared outputs of the cancelled job (metrics.jsonl among them) and "
-    "franca.train.loop only truncates an existing metrics.jsonl on resume: the lines logged before the kill are lost",
+    reason="Snakemake deletes a failed job's declared outputs (Job.cleanup; Job.prepare before the retry), "
+    "metrics.jsonl among them, and franca.train.loop only truncates an existing metrics.jsonl on resume: the lines "
+    "logged before the kill are lost (the rolling checkpoint should carry them)",
 )
 def test_slurm_kill_resume_keeps_metrics_history(slurm_subset, killed_run):
     metrics = [(p / CKPT).with_name("metrics.jsonl").read_text().splitlines() for p in (killed_run["repo"],)]
