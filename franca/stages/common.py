@@ -15,6 +15,7 @@ from typing import Any
 
 from franca import config as fc
 from franca import provenance, tracking
+from franca.train.distributed import launcher_rank
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def job(
 ) -> Iterator[Job]:
     """Open the child run, yield the Job, then write provenance.json (outputs default to out_dir) and tag the run."""
     started = time.time()
-    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 tracks and writes provenance
+    main_rank = launcher_rank() == 0  # under torchrun / srun only rank 0 tracks and writes provenance
     if not main_rank:
         os.environ[tracking.ENV_OFF] = "off"
     out_dir = Path(out_dir)

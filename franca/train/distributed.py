@@ -32,6 +32,7 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_main_process",
+    "launcher_rank",
     "mean_over_ranks",
     "module_dict_state",
     "is_sharded",
@@ -77,6 +78,15 @@ def _launcher_env(env: Mapping[str, str]) -> tuple[int, int, int] | None:
         world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
         return int(env["SLURM_PROCID"]), world_size, int(env.get("SLURM_LOCALID", 0))
     return None
+
+
+def launcher_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as its launcher set it (torchrun ``RANK``, srun ``SLURM_PROCID``), readable before
+    :func:`init_distributed`; 0 for a plain process. Code that must act on rank 0 alone before the process group
+    exists (opening the MLflow run, writing provenance) asks this: under srun, ``RANK`` is only set by
+    :func:`init_distributed`."""
+    launch = _launcher_env(os.environ if env is None else env)
+    return launch[0] if launch is not None else 0
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:

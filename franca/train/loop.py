@@ -233,12 +233,16 @@ def _logged_variants(m: dict[str, float]) -> None:
         m["total_loss_logged"] = sum(m[p] for p in parts)
 
 
-def _truncate_metrics(path: Path, start_it: int) -> None:
-    """On resume, drop the lines of iterations >= start_it (logged after the checkpoint, they will be redone)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] < start_it]
-    path.write_text("".join(ln + "\n" for ln in keep))
+def _truncate_metrics(path: Path, mirror: Path, start_it: int) -> None:
+    """Start `path` (the declared output) and its `mirror` beside the rolling checkpoints with the lines of
+    iterations < start_it. The mirror survives a failed job (the workflow deletes a failed job's outputs), so a
+    resumed run keeps the history logged before the kill; a fresh run (start_it 0) starts both empty."""
+    source = mirror if mirror.exists() else path
+    lines = source.read_text().splitlines() if source.exists() else []
+    keep = "".join(ln + "\n" for ln in lines if ln.strip() and json.loads(ln)["iteration"] < start_it)
+    for target in (path, mirror):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(keep)
 
 
 def _rolling_state(model, optimizer, scaler, data: DataPipeline, it: int, world_size: int) -> dict | None:
@@ -354,7 +358,7 @@ def train(
     metrics_path = out_dir / "metrics.jsonl"
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_it)
+        _truncate_metrics(metrics_path, ckpt_dir / "metrics.jsonl", start_it)
     period, log_period = int(run_option(cfg, "checkpoint_period")), max(1, int(run_option(cfg, "log_period")))
     keep, clip = int(run_option(cfg, "keep_checkpoints")), cfg_get(cfg, "optim.clip_grad", None)
     images_per_step = data.batch_size * info.world_size
@@ -374,8 +378,9 @@ def train(
             metrics.update(values, iteration=it, images_per_s=images_per_step * steps_since_log / max(elapsed, 1e-9))
             t_log, steps_since_log, last = time.perf_counter(), 0, metrics
             if main:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
+                for target in (metrics_path, ckpt_dir / "metrics.jsonl"):
+                    with target.open("a") as fh:
+                        fh.write(json.dumps(metrics) + "\n")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{values['lr']:.2e}")
                 if log_fn is not None:
                     log_fn(it, metrics)

@@ -35,7 +35,6 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
 CKPT = "results/pretrain/franca/s0/stage1/checkpoint.pt"  # = conftest.CKPT
 WORLD = 2
 DIST_CHANGES = {
@@ -144,6 +143,17 @@ def _losses(path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
 
 
+def test_launcher_rank_is_known_before_the_process_group():
+    """What a stage reads to decide "rank 0 writes" before init_distributed: torchrun's RANK, else srun's
+    SLURM_PROCID (RANK wins: under `srun torchrun` the processes torchrun starts inherit their node's SLURM_PROCID)."""
+    from franca.train.distributed import launcher_rank
+
+    assert launcher_rank({}) == 0
+    assert launcher_rank({"RANK": "3", "WORLD_SIZE": "4"}) == 3
+    assert launcher_rank({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == 1
+    assert launcher_rank({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "RANK": "0", "WORLD_SIZE": "2"}) == 0
+
+
 @pytest.fixture(scope="module")
 def dist_rule(cluster, local_subset, tmp_path_factory) -> dict:
     """The pretrain rule with train.world_size=2 in a copy of the local subset run (its data, nothing else)."""
@@ -161,6 +171,7 @@ def dist_rule(cluster, local_subset, tmp_path_factory) -> dict:
     return {"repo": repo, "overrides": overrides, "log": log, "wall_s": time.monotonic() - start}
 
 
+@pytest.mark.slow
 def test_rule_launches_torchrun_with_two_gloo_processes(dist_rule):
     repo = dist_rule["repo"]
     assert "torchrun --nnodes 1 --nproc_per_node 2 --standalone -m franca.cli pretrain" in dist_rule["log"]
@@ -181,6 +192,7 @@ def test_rule_launches_torchrun_with_two_gloo_processes(dist_rule):
     print(f"2-process pretrain rule: {dist_rule['wall_s']:.0f} s")
 
 
+@pytest.mark.slow
 def test_rank_split_reads_other_samples_than_one_process(dist_rule):
     """Why the reference needs the merged pipeline: per-rank shard split vs the single-process sample order."""
     from franca.data.shards import ShardStream, list_shards
@@ -200,6 +212,7 @@ def test_rank_split_reads_other_samples_than_one_process(dist_rule):
     assert not set(ranks[1]) & set(single)  # rank 1 reads another shard; one process is still in the first one
 
 
+@pytest.mark.slow
 def test_torchrun_rule_equals_single_process_on_merged_batches(cluster, dist_rule):
     repo = dist_rule["repo"]
     out = "results/reference/franca/s0/stage1"
@@ -221,7 +234,7 @@ def test_torchrun_rule_equals_single_process_on_merged_batches(cluster, dist_rul
 
 
 @pytest.fixture(scope="module")
-def srun_run(cluster, dist_rule, slurm_up) -> dict:
+def srun_run(cluster, slurm_up, dist_rule) -> dict:
     """`srun -n 2 franca pretrain` with the rule's arguments (SLURM_PROCID/SLURM_NTASKS init path), another --out."""
     repo = dist_rule["repo"]
     out = "results/srun/franca/s0/stage1"
@@ -237,6 +250,7 @@ def srun_run(cluster, dist_rule, slurm_up) -> dict:
     return {"repo": repo, "out": repo / out, "stderr": result.stderr, "wall_s": time.monotonic() - start}
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_srun_two_tasks_equal_torchrun(srun_run):
     """The srun run trains bit-identical weights to the torchrun rule (same ranks, seeds, data split, gloo)."""
@@ -251,12 +265,8 @@ def test_srun_two_tasks_equal_torchrun(srun_run):
     print(f"srun -n 2 pretrain: {srun_run['wall_s']:.0f} s (job {record['slurm_job_id']}); = torchrun weights")
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
-@pytest.mark.xfail(
-    strict=True,
-    reason="franca/stages/common.py job() takes rank 0 from $RANK before train() runs init_distributed, which sets "
-    "RANK only then under srun: every srun task writes provenance.json (and opens an MLflow child run)",
-)
 def test_srun_rank0_alone_writes_provenance(srun_run):
     assert srun_run["stderr"].count("pretrain done in") == 1
 

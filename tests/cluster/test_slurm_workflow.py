@@ -172,12 +172,6 @@ def test_slurm_kill_resume(cluster, slurm_subset, killed_run):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Snakemake deletes a failed job's declared outputs (Job.cleanup; Job.prepare before the retry), "
-    "metrics.jsonl among them, and franca.train.loop only truncates an existing metrics.jsonl on resume: the lines "
-    "logged before the kill are lost (the rolling checkpoint should carry them)",
-)
 def test_slurm_kill_resume_keeps_metrics_history(slurm_subset, killed_run):
     metrics = [(p / CKPT).with_name("metrics.jsonl").read_text().splitlines() for p in (killed_run["repo"],)]
     metrics.append((slurm_subset["local"] / CKPT).with_name("metrics.jsonl").read_text().splitlines())
