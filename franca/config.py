@@ -142,7 +142,10 @@ def validate(cfg: Mapping) -> None:
     import jsonschema
     import yaml
 
-    schema = yaml.safe_load((config_dir().parent / "workflow" / "schemas" / "method.schema.yaml").read_text())
+    rel_path = Path("workflow", "schemas", "method.schema.yaml")
+    path = config_dir().parent / rel_path
+    path = path if path.exists() else Path(__file__).resolve().parent.parent / rel_path
+    schema = yaml.safe_load(path.read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         where = ".".join(str(p) for p in errors[0].absolute_path) or "<root>"
