@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["collate_data_and_cast", "mask_ratio_bins"]
+__all__ = ["collate_data_and_cast", "mask_ratio_bins", "stack_crops"]
 
 
 def _crops_of(sample: Any) -> Mapping[str, Sequence[torch.Tensor]]:
@@ -33,6 +33,31 @@ def _crops_of(sample: Any) -> Mapping[str, Sequence[torch.Tensor]]:
     return crops
 
 
+def stack_crops(samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The crops of a batch stacked crop-major: ``global_crops`` (2B, 3, H, W), ``local_crops`` (LB, 3, h, w).
+
+    No randomness: a DataLoader worker runs it as its ``collate_fn``, so that a batch crosses to the main process as
+    two tensors instead of (2 + L) * B small ones (each shared-memory tensor costs a file descriptor round trip;
+    measured in benchmarks/gpu_check.py). :func:`collate_data_and_cast` accepts its output in place of the samples.
+    """
+    if not samples:
+        raise ValueError("collate: empty list of samples")
+    crops = [_crops_of(s) for s in samples]
+    n_global = len(crops[0]["global_crops"])
+    n_local = len(crops[0]["local_crops"])
+    # crop-major: [crop 0 of every sample, crop 1 of every sample, ...]
+    global_crops = torch.stack([c["global_crops"][i] for i in range(n_global) for c in crops])  # (2B,3,H,W)
+    if n_local > 0:
+        local_crops = torch.stack([c["local_crops"][i] for i in range(n_local) for c in crops])  # (LB,3,h,w)
+    else:
+        local_crops = torch.empty(0, *global_crops.shape[1:2], 0, 0)
+    return {"global_crops": global_crops, "local_crops": local_crops}
+
+
+def _is_stacked(samples: Any) -> bool:
+    return isinstance(samples, Mapping) and torch.is_tensor(samples.get("global_crops"))
+
+
 def mask_ratio_bins(mask_ratio_tuple: Sequence[float], n_samples_masked: int) -> torch.Tensor:
     """The ``n_samples_masked + 1`` float32 bin edges splitting ``[min, max]`` evenly (as DINOv2's linspace)."""
     lo, hi = (float(v) for v in mask_ratio_tuple)
@@ -42,7 +67,7 @@ def mask_ratio_bins(mask_ratio_tuple: Sequence[float], n_samples_masked: int) ->
 
 
 def collate_data_and_cast(
-    samples: Sequence[Any],
+    samples: Sequence[Any] | Mapping[str, torch.Tensor],
     mask_ratio_tuple: Sequence[float],
     mask_probability: float,
     dtype: torch.dtype,
@@ -55,22 +80,14 @@ def collate_data_and_cast(
     ``n_m = int(2B * mask_probability)`` global-crop images get a mask; image ``i`` of those draws a ratio
     ``r_i ~ U(bin_i)`` from the ``i``-th of ``n_m`` equal bins of ``mask_ratio_tuple`` and requests
     ``int(N * r_i)`` patches. The remaining images get an empty mask and the list of masks is shuffled.
+    ``samples``: a list of crops dicts (or (dict, label) pairs), or the output of :func:`stack_crops` on them.
     Returns the keys of ``docs/interfaces.md``.
     """
-    if not samples:
-        raise ValueError("collate: empty list of samples")
     if mask_generator is None:
         raise ValueError("collate: mask_generator is required")
     rng = rng or random
-    crops = [_crops_of(s) for s in samples]
-    n_global = len(crops[0]["global_crops"])
-    n_local = len(crops[0]["local_crops"])
-    # crop-major: [crop 0 of every sample, crop 1 of every sample, ...]
-    collated_global_crops = torch.stack([c["global_crops"][i] for i in range(n_global) for c in crops])  # (2B,3,H,W)
-    if n_local > 0:
-        collated_local_crops = torch.stack([c["local_crops"][i] for i in range(n_local) for c in crops])  # (LB,3,h,w)
-    else:
-        collated_local_crops = torch.empty(0, *collated_global_crops.shape[1:2], 0, 0)
+    stacked = samples if _is_stacked(samples) else stack_crops(samples)
+    collated_global_crops, collated_local_crops = stacked["global_crops"], stacked["local_crops"]
 
     n_images = len(collated_global_crops)  # 2B
     N = int(n_tokens)

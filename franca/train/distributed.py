@@ -228,10 +228,11 @@ def _fsdp_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def wrap_student(model: nn.Module, mode: str, info: DistInfo, precision: str = "fp32") -> None:
     """Wrap ``model.student``'s sub-modules in place: DDP (``ddp``) or FSDP SHARD_GRAD_OP (``fsdp``, CUDA only).
 
-    With one process nothing is wrapped. Under FSDP the teacher sub-modules are sharded identically (no grads), so
+    Without a process group (one plain process) nothing is wrapped; a group of one (``torchrun --nproc_per_node 1``,
+    or a GPU check) is wrapped like any other. Under FSDP the teacher sub-modules are sharded identically (no grads), so
     the EMA of ``SSLMetaArch.update_teacher`` pairs local shards; DDP leaves the teacher replicated.
     """
-    if info.world_size <= 1:
+    if info.backend is None:
         return
     if mode == "ddp":
         for name in list(model.student.keys()):

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from franca.data.augmentations import DataAugmentationDINO
-from franca.data.collate import collate_data_and_cast
+from franca.data.collate import collate_data_and_cast, stack_crops
 from franca.data.masking import MaskingGenerator
 from franca.data.shards import ShardStream
 from franca.train import checkpoint as ckpt_io
@@ -118,7 +118,7 @@ class DataPipeline:
                 self.stream,
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
-                collate_fn=list,  # masks are drawn here, in the main process, from the checkpointed RNGs
+                collate_fn=stack_crops,  # masks are drawn here, in the main process, from the checkpointed RNGs
                 generator=gen,
                 persistent_workers=True,
             )
@@ -135,6 +135,14 @@ class DataPipeline:
         if self.num_workers > 0:
             return self.start_sample + self._batches * self.batch_size
         return self.stream.position
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (persistent workers otherwise live until garbage collection, and a later
+        DataLoader's forked workers would inherit this iterator)."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iter = None
 
     def next_batch(self) -> dict:
         if self.num_workers > 0:
@@ -304,7 +312,7 @@ def _setup(cfg, info, seed, ckpt_dir, init_from, init_mode):
     optimizer = build_optimizer(model.param_groups(), cfg)
     scaler = None
     if precision == "fp16":
-        if cfg_get(cfg, "train.distributed", "ddp") == "fsdp" and info.world_size > 1:
+        if D.is_sharded(model.student):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
             scaler = ShardedGradScaler()
@@ -390,6 +398,7 @@ def train(
                 ckpt_io.save_rolling(ckpt_dir, state, cfg, iteration=it + 1, keep=keep)
             D.barrier()
     bar.close()
+    data.close()
     final = out_dir / "checkpoint.pt"
     ckpt_io.save_final(final, model, cfg, total)  # every rank (FSDP gathers); rank 0 writes
     D.barrier()

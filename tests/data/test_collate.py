@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from franca.data.collate import collate_data_and_cast
+from franca.data.collate import collate_data_and_cast, stack_crops
 from franca.data.masking import CyclicMask
 
 KEYS = {
@@ -64,6 +64,23 @@ def test_keys_shapes_and_crop_major_order(as_pairs):
     assert batch["collated_masks"].shape == (2 * B, 64) and batch["collated_masks"].dtype == torch.bool
     assert batch["n_masked_patches"].dtype == torch.long and batch["n_masked_patches"].shape == (1,)
     assert isinstance(batch["upperbound"], int)
+
+
+@pytest.mark.parametrize("as_pairs", [False, True])
+def test_worker_stacked_crops_give_the_same_batch(as_pairs):
+    """DataLoader workers stack the crops (stack_crops); masks drawn afterwards in the main process must give the
+    batch that collating the sample list gives, with the same RNG draws."""
+    samples = make_samples(5, as_pairs=as_pairs)
+    def masking():
+        return CyclicMask((8, 8), rng=random.Random(3), np_rng=np.random.default_rng(3))
+
+    a = collate(samples, masking(), 64, random.Random(3))
+    b = collate(stack_crops(samples), masking(), 64, random.Random(3))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+    with pytest.raises(ValueError, match="empty"):
+        stack_crops([])
 
 
 def test_dtype_cast():
