@@ -26,10 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@127.0.0.1", "-c", "init.defaultBranch=main"]
+from repo_copy import BIN, GIT, ROOT, copy_repo, run  # noqa: F401  (re-exported to the cluster tests)
 
 # The subset: one experiment, one seed, no high-res stage, no RASA; 6 CPU iterations with a rolling checkpoint every
 # 3; a smaller synthetic set (4 train shards of 160 images) so that every data and eval job takes seconds.
@@ -61,26 +58,7 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def sh(cmd: list[str], cwd: Path, timeout: float = 900, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=run_env(**env), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
-
-
-def copy_repo(dest: Path) -> Path:
-    """A committed copy of the working tree (tracked and untracked, not ignored files), as tests/workflow does."""
-    dest.mkdir(parents=True, exist_ok=True)
-    files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    sh([*GIT, "init", "-q"], dest)
-    sh([*GIT, "add", "-A"], dest)
-    sh([*GIT, "commit", "-qm", "copy"], dest)
-    return dest
+    return run(cmd, cwd, run_env(**env), timeout, check)
 
 
 def subset_overrides(changes: dict[str, object]) -> list[str]:

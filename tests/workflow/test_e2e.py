@@ -9,41 +9,21 @@ from __future__ import annotations
 import csv
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import repo_copy
+from repo_copy import BIN, GIT, copy_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@127.0.0.1", "-c", "init.defaultBranch=main"]
 
 
 def sh(cmd: list[str], cwd: Path, timeout: int = 1500, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "FRANCA_PROGRESS": "0"}
     env.pop("FRANCA_TRACKING", None)
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        )
-    return result
-
-
-def copy_repo(dest: Path) -> Path:
-    files = sh(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    sh([*GIT, "init", "-q"], dest)
-    sh([*GIT, "add", "-A"], dest)
-    sh([*GIT, "commit", "-qm", "copy"], dest)
-    return dest
+    return repo_copy.run(cmd, cwd, env, timeout, check)
 
 
 def dry_run_jobs(repo: Path, *extra: str) -> dict[str, int]:
