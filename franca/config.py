@@ -115,12 +115,30 @@ def dataset_config(cfg: Mapping, name: str) -> dict[str, Any]:
     return dict(datasets[name])
 
 
+def classification_sources(cfg: Mapping) -> dict[str, tuple[str, str]]:
+    """(dataset, split) that each classification split (train, val, test) of the features stage reads.
+
+    train comes from ``data.classification.dataset``; val and test from ``val_dataset`` when it is given, else from
+    the same dataset (ImageNet protocol, spec 7.1-7.3: fit on the train set, report on the official val set).
+    """
+    cls = cfg["data"]["classification"]
+    held_out = cls.get("val_dataset") or cls["dataset"]
+    return {"train": (cls["dataset"], cls["train"]), "val": (held_out, cls["val"]), "test": (held_out, cls["test"])}
+
+
+def eval_datasets(cfg: Mapping) -> list[str]:
+    """Datasets whose shards the features stage reads: the classification sources and the dense dataset."""
+    names = {name for name, _ in classification_sources(cfg).values()} | {cfg["data"]["dense"]["dataset"]}
+    return sorted(names)
+
+
 def used_datasets(cfg: Mapping) -> list[str]:
-    """Datasets some stage reads: only these are fetched."""
+    """Datasets some stage reads: only these are fetched. A name missing from data.datasets raises ConfigError."""
     data = cfg["data"]
-    names = {data[role]["dataset"] for role in ("pretrain", "highres", "rasa", "classification", "dense")}
-    names |= {data["classification"].get("val_dataset")} - {None}
+    names = {data[role]["dataset"] for role in ("pretrain", "highres", "rasa")} | set(eval_datasets(cfg))
     names |= {ref.split(":")[0] for ref in [data["dedup"]["train"], *data["dedup"]["eval"]]}
+    for name in sorted(names):
+        dataset_config(cfg, name)
     return sorted(names)
 
 

@@ -1,15 +1,25 @@
-"""Local sources into raw shards: an ImageNet-style class-per-folder tree and ImageNet-21K's per-synset tars (spec 6).
+"""Local sources into raw shards (spec 6, 7.4-7.6): an ImageNet-style class-per-folder tree, ImageNet-21K's
+per-synset tars and a PASCAL VOC 2012 style segmentation tree.
 
-Both write the raw layout of ``fetch`` (``%06d.tar`` + ``%06d.parquet`` status tables), which the ``shard`` stage
+All write the raw layout of ``fetch`` (``%06d.tar`` + ``%06d.parquet`` status tables), which the ``shard`` stage
 (``franca.data.manifest.canonicalise``) turns into canonical shards and the manifest. The label is the index of the
 class in the sorted class names (folder names, or synset ids ``n*``); the class name goes into ``<key>.json``.
 Shard ``s`` covers items ``[s * shard_size, (s + 1) * shard_size)`` of the sorted item list, so an interrupted
 ingest resumes by skipping published shards. Some ImageNet-21K members are gzipped JPEGs: they are decompressed.
+
+Segmentation trees (``folder_seg``): ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` and one id list per
+split (``ImageSets/Segmentation/<split>.txt``); each split goes to ``<out>/<split>/``. The mask is stored as
+``<key>.seg.png``, a single-channel (mode L) PNG holding the class id per pixel with 255 = ignore, the convention of
+the generated data and of the dense evaluations (docs/interfaces.md): VOC's palette indices are already that map
+(0 = background, 1..20 = objects, 255 = void border), so the values are kept and only the palette is dropped.
+An id without mask (``missing_mask``), without image (``missing_image``), with an undecodable image
+(``unreadable``) or with a mask that is not a class map of the image's size (``bad_mask``) is a failure row.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import tarfile
@@ -18,7 +28,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from franca.data.manifest import (
     raw_shard_complete,
@@ -31,10 +43,31 @@ from franca.data.shards import AtomicTarWriter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "list_folder", "ingest_folder", "index_imagenet21k", "ingest_imagenet21k_tars"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "IGNORE_INDEX",
+    "SourceItemError",
+    "list_folder",
+    "folder_class_names",
+    "ingest_folder",
+    "index_imagenet21k",
+    "ingest_imagenet21k_tars",
+    "list_folder_seg",
+    "voc_mask_to_seg",
+    "ingest_folder_seg",
+]
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".gif": "gif"}
+IGNORE_INDEX = 255  # void / border pixels of a segmentation mask (VOC), skipped by every dense metric
 _STATUS_COLUMNS = ["key", "source", "status", "reason", "error_message", "bytes", "label", "class_name"]
+
+
+class SourceItemError(OSError):
+    """One item of a source cannot be ingested; ``reason`` becomes the failure row's reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def list_folder(root: str | Path, class_names: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -64,15 +97,27 @@ def list_folder(root: str | Path, class_names: Sequence[str] | None = None) -> t
     return items, names
 
 
+def folder_class_names(root: str | Path) -> list[str]:
+    """Sorted class folder names of a class-per-folder tree: the label mapping ``list_folder`` gives it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _write_range_shards(
     items: list[dict[str, Any]],
     out_dir: Path,
     shard_size: int,
-    load: Callable[[dict[str, Any]], tuple[bytes, str]],
+    load: Callable[[dict[str, Any]], dict[str, bytes]],
     extra_meta: dict[str, Any],
     key_digits: int = 9,
 ) -> dict[str, Any]:
-    """Write every incomplete raw shard of ``items``; ``load(item) -> (bytes, ext)`` raises OSError when unreadable."""
+    """Write every incomplete raw shard of ``items``.
+
+    ``load(item)`` gives the sample's fields (one image extension -> bytes, optionally ``seg.png``) and raises
+    OSError when the item cannot be ingested (reason ``unreadable``, or the ``reason`` of a SourceItemError).
+    """
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)
@@ -86,16 +131,18 @@ def _write_range_shards(
                 row = {"key": key, "source": item["source"], "label": item.get("label")}
                 row["class_name"] = item.get("class_name")
                 try:
-                    data, ext = load(item)
+                    fields = load(item)
                 except (OSError, tarfile.TarError, EOFError) as exc:
-                    status.append({**row, "status": "failed", "reason": "unreadable", "error_message": str(exc)})
+                    reason = getattr(exc, "reason", "unreadable")
+                    status.append({**row, "status": "failed", "reason": reason, "error_message": str(exc)})
                     continue
+                n_bytes = sum(len(v) for k, v in fields.items() if k in IMAGE_SUFFIXES.values())  # the image only
                 meta = {**extra_meta, **{k: v for k, v in item.items() if k not in ("offset", "size")}, "key": key}
-                fields = {ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
+                fields["json"] = json.dumps(meta, sort_keys=True).encode()
                 if item.get("label") is not None:
                     fields["cls"] = str(item["label"]).encode()
                 writer.write(key, fields)
-                status.append({**row, "status": "success", "bytes": len(data)})
+                status.append({**row, "status": "success", "bytes": n_bytes})
         frame = pd.DataFrame(status, columns=_STATUS_COLUMNS).astype({"bytes": "Int64", "label": "Int64"})
         write_parquet_atomic(frame, raw_status_path(out_dir, s))
     elapsed = time.perf_counter() - start
@@ -105,9 +152,9 @@ def _write_range_shards(
     return summary
 
 
-def _read_file(item: dict[str, Any]) -> tuple[bytes, str]:
+def _read_file(item: dict[str, Any]) -> dict[str, bytes]:
     path = Path(item["source"])
-    return path.read_bytes(), IMAGE_SUFFIXES[path.suffix.lower()]
+    return {IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes()}
 
 
 def ingest_folder(
@@ -152,7 +199,7 @@ def index_imagenet21k(tar_dir: str | Path, cache: str | Path | None = None) -> t
     return items, names
 
 
-def _read_member(item: dict[str, Any]) -> tuple[bytes, str]:
+def _read_member(item: dict[str, Any]) -> dict[str, bytes]:
     with open(item["tar"], "rb") as f:
         f.seek(int(item["offset"]))
         data = f.read(int(item["size"]))
@@ -161,7 +208,7 @@ def _read_member(item: dict[str, Any]) -> tuple[bytes, str]:
     if data[:2] == b"\x1f\x8b":  # a gzipped JPEG, as a few ImageNet-21K members are
         data = gzip.decompress(data)
     name = item["member"][: -len(".gz")] if item["member"].lower().endswith(".gz") else item["member"]
-    return data, IMAGE_SUFFIXES.get(Path(name).suffix.lower(), "jpg")
+    return {IMAGE_SUFFIXES.get(Path(name).suffix.lower(), "jpg"): data}
 
 
 def ingest_imagenet21k_tars(
@@ -174,4 +221,110 @@ def ingest_imagenet21k_tars(
     summary = _write_range_shards(items, out_dir, shard_size, _read_member, {"license": license})
     summary.update(classes=len(names), source=str(tar_dir))
     logger.info("ingest_imagenet21k_tars %s: %s", tar_dir, summary)
+    return summary
+
+
+def list_folder_seg(
+    root: str | Path,
+    split: str,
+    *,
+    image_dir: str = "JPEGImages",
+    mask_dir: str = "SegmentationClass",
+    list_dir: str = "ImageSets/Segmentation",
+) -> list[dict[str, Any]]:
+    """Items (image path, mask path, id) of one split of a VOC-style tree, sorted by id.
+
+    The id list ``<root>/<list_dir>/<split>.txt`` must exist; every id in it becomes an item, present on disk or
+    not, so that a missing file ends as a failure row instead of vanishing.
+    """
+    root = Path(root)
+    list_path = root / list_dir / f"{split}.txt"
+    if not list_path.is_file():
+        raise FileNotFoundError(f"segmentation split list not found: {list_path}")
+    ids = sorted({line.split()[0] for line in list_path.read_text().splitlines() if line.strip()})
+    if not ids:
+        raise ValueError(f"segmentation split list {list_path} is empty")
+    # one listing of the image folder (not one glob per id: VOC has 17k images); the first suffix in sorted order
+    images: dict[str, Path] = {}
+    if (root / image_dir).is_dir():
+        for path in sorted((root / image_dir).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                images.setdefault(path.stem, path)
+    return [
+        {
+            "source": str(images.get(image_id, root / image_dir / f"{image_id}.jpg")),
+            "mask": str(root / mask_dir / f"{image_id}.png"),
+            "id": image_id,
+        }
+        for image_id in ids
+    ]
+
+
+def voc_mask_to_seg(mask: Image.Image, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """A VOC class mask (palette ``P`` or grey ``L`` PNG of class indices) -> (H, W) uint8 class map.
+
+    Values 0..num_classes-1 (0 = background) and ``ignore_index`` are kept as they are (the dense evaluations'
+    convention); any other value, or a colour (RGB) mask, raises SourceItemError("bad_mask").
+    """
+    if mask.mode not in ("P", "L"):
+        raise SourceItemError("bad_mask", f"mask mode {mask.mode!r} is not a class-index map (P or L)")
+    seg = np.array(mask, dtype=np.uint8)  # (H, W) palette indices = class ids
+    values = np.unique(seg)
+    bad = values[(values >= num_classes) & (values != ignore_index)]
+    if bad.size:
+        allowed = f"0..{num_classes - 1} or {ignore_index}"
+        raise SourceItemError("bad_mask", f"mask values {bad[:8].tolist()} are not class ids ({allowed})")
+    return seg
+
+
+def _seg_loader(num_classes: int, ignore_index: int) -> Callable[[dict[str, Any]], dict[str, bytes]]:
+    def load(item: dict[str, Any]) -> dict[str, bytes]:
+        image_path, mask_path = Path(item["source"]), Path(item["mask"])
+        if not image_path.is_file():
+            raise SourceItemError("missing_image", f"{image_path}: no image for id {item['id']}")
+        if not mask_path.is_file():
+            raise SourceItemError("missing_mask", f"{mask_path}: no mask for id {item['id']}")
+        data = image_path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                size = img.size  # header only; canonicalise does the full decode check
+            with Image.open(mask_path) as img:
+                seg = voc_mask_to_seg(img, num_classes, ignore_index)
+        except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            raise SourceItemError("unreadable", f"{image_path} / {mask_path}: {exc}") from exc
+        if seg.shape != (size[1], size[0]):
+            raise SourceItemError("bad_mask", f"{mask_path}: mask {seg.shape[::-1]} != image {size} (W, H)")
+        buf = io.BytesIO()  # (H, W) uint8 -> single-channel (L) PNG of class ids
+        Image.fromarray(seg).save(buf, format="PNG", compress_level=6)
+        return {IMAGE_SUFFIXES[image_path.suffix.lower()]: data, "seg.png": buf.getvalue()}
+
+    return load
+
+
+def ingest_folder_seg(
+    root: str | Path,
+    out_dir: str | Path,
+    *,
+    splits: Sequence[str] = ("train", "val"),
+    num_classes: int = 21,
+    ignore_index: int = IGNORE_INDEX,
+    shard_size: int = 2000,
+    image_dir: str = "JPEGImages",
+    mask_dir: str = "SegmentationClass",
+    list_dir: str = "ImageSets/Segmentation",
+    license: str | None = None,
+) -> dict[str, Any]:
+    """VOC-style segmentation tree -> raw shards ``<out_dir>/<split>/`` with image + ``seg.png``; a summary per split.
+
+    ``num_classes`` counts the background (VOC: 21); spec 7.4-7.6 evaluate with 255 ignored.
+    """
+    root, out_dir = Path(root), Path(out_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"segmentation dataset root not found: {root}")
+    load, summary = _seg_loader(num_classes, ignore_index), {"source": str(root), "splits": {}}
+    for split in splits:
+        items = list_folder_seg(root, split, image_dir=image_dir, mask_dir=mask_dir, list_dir=list_dir)
+        meta = {"license": license, "split_list": split, "num_classes": num_classes, "ignore_index": ignore_index}
+        summary["splits"][split] = _write_range_shards(items, out_dir / split, shard_size, load, meta)
+    logger.info("ingest_folder_seg %s: %s", root, summary)
     return summary

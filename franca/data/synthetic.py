@@ -11,6 +11,11 @@ Position bias knob ``position_bias = b`` in [0, 1]:
   * the background gets an additive vertical luminance ramp of amplitude ``b * gradient_strength``.
 Both make absolute position linearly decodable from patch tokens, which is what RASA removes.
 
+Planted duplicates (``exact_fraction``, ``near_fraction``, ``eval_copy_fraction`` of the train slots): exact and
+near copies of earlier train images and near copies of val / test images replace the images of those slots, with
+the ground truth in each copy's ``.json`` and the manifest (franca/data/planted.py), so that dedup has something to
+find and can be scored.
+
 Determinism: chunk ``j`` of split ``s`` draws from ``default_rng([seed, s, j])`` (chunks of 64 images, so the
 bytes do not depend on ``shard_size``), PNGs are written with fixed settings and tars by ``AtomicTarWriter``.
 """
@@ -27,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
-from franca.data.manifest import make_manifest, write_parquet_atomic
+from franca.data.manifest import image_record, make_manifest, write_parquet_atomic
 from franca.data.phash import colour_layout, phash_image, phash_to_hex
+from franca.data.planted import KINDS, near_copy, plan_duplicates
 from franca.data.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -41,6 +48,10 @@ SHAPES = ("disk", "square", "diamond", "triangle", "cross", "ellipse")
 SPLITS = ("train", "val", "test")
 _CHUNK = 64  # images per RNG chunk (fixes the bytes independently of shard_size)
 _PNG = {"format": "PNG", "compress_level": 1, "optimize": False}
+# planted duplicates (franca/data/planted.py), as fractions of n_train; config: data.datasets.<synth>.duplicates
+EXACT_FRACTION = 0.01
+NEAR_FRACTION = 0.02
+EVAL_COPY_FRACTION = 0.01
 
 
 def class_colours(n_classes: int) -> np.ndarray:
@@ -185,6 +196,44 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _key(split: str, index: int) -> str:
+    return f"{split}_{index:07d}"
+
+
+class _Renderer:
+    """Chunk ``j`` of split ``s`` from ``default_rng([seed, s, j])``; keeps the ``wanted`` (split, index) samples.
+
+    Copy sources are kept as their chunk goes by (train sources precede their copies) or rendered on demand (eval
+    sources, whose splits come after train), so memory grows with the number of sources, not of images.
+    """
+
+    def __init__(self, seed: int, wanted: set[tuple[str, int]], **render_kwargs: Any):
+        self.seed, self.wanted, self.kwargs, self.kept = seed, wanted, render_kwargs, {}
+
+    def chunk(self, split_id: int, chunk: int) -> tuple:
+        out = render_batch(np.random.default_rng([self.seed, split_id, chunk]), _CHUNK, **self.kwargs)
+        for j in range(_CHUNK):
+            if (SPLITS[split_id], chunk * _CHUNK + j) in self.wanted:
+                self.kept[(SPLITS[split_id], chunk * _CHUNK + j)] = (out[0][j], out[1][j], int(out[2][j]), out[3][j])
+        return out
+
+    def sample(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray, int, list[dict[str, Any]]]:
+        """(image, mask, label, objects) of a wanted image."""
+        if (split, index) not in self.kept:
+            self.chunk(SPLITS.index(split), index // _CHUNK)
+        return self.kept[(split, index)]
+
+
+def _planted_sample(renderer: _Renderer, slot: int, entry: dict[str, Any], seed: int):
+    """(image bytes, format, mask, label, objects, duplicate record) of planted train slot ``slot`` (planted.py)."""
+    image, mask, label, objects = renderer.sample(entry["split"], entry["index"])
+    duplicate = {"kind": entry["kind"], "of": _key(entry["split"], entry["index"]), "transform": entry["transform"]}
+    if entry["kind"] == "exact_copy":
+        return _png(image), "png", mask, label, objects, duplicate
+    data, mask, duplicate["params"] = near_copy(image, mask, entry["transform"], seed, slot)
+    return data, "jpg", mask, label, objects, duplicate
+
+
 def generate(
     out_dir: str | Path,
     *,
@@ -198,11 +247,16 @@ def generate(
     position_bias: float = 0.5,
     max_objects: int = 3,
     gradient_strength: float = 0.35,
+    exact_fraction: float = EXACT_FRACTION,
+    near_fraction: float = NEAR_FRACTION,
+    eval_copy_fraction: float = EVAL_COPY_FRACTION,
 ) -> dict[str, Any]:
     """Write ``<out>/shards/{train,val,test}-%06d.tar`` and ``<out>/manifest.parquet``; returns a summary.
 
-    Per sample: ``<key>.png`` (RGB), ``<key>.cls`` (label), ``<key>.seg.png`` (class id + 1, 0 background) and
-    ``<key>.json`` (objects, class name, generator settings). Keys are ``<split>_%07d``.
+    Per sample: ``<key>.png`` (RGB; ``.jpg`` for planted near copies), ``<key>.cls`` (label), ``<key>.seg.png``
+    (class id + 1, 0 background) and ``<key>.json`` (objects, class name, generator settings; planted copies add
+    ``duplicate = {kind, of, transform, params}`` and keep their source's label and objects, in the source's pixel
+    frame). Keys are ``<split>_%07d``. The manifest adds ``duplicate_kind`` and ``duplicate_of`` columns.
     """
     if not 0.0 <= position_bias <= 1.0:
         raise ValueError(f"position_bias must be in [0, 1], got {position_bias}")
@@ -211,33 +265,41 @@ def generate(
             f"bad generator sizes: image_size={image_size} n_classes={n_classes} max_objects={max_objects}"
         )
     start, out_dir = time.perf_counter(), Path(out_dir)
+    fractions = {"exact_fraction": exact_fraction, "near_fraction": near_fraction}
+    fractions["eval_copy_fraction"] = eval_copy_fraction
+    plan = plan_duplicates(seed, n_train, {"val": n_val, "test": n_test}, **fractions)
     names, rows, shards = class_names(n_classes), [], {}
     settings = {"seed": seed, "image_size": image_size, "n_classes": n_classes, "position_bias": position_bias}
-    settings.update({"max_objects": max_objects, "gradient_strength": gradient_strength})
+    settings.update({"max_objects": max_objects, "gradient_strength": gradient_strength, "duplicates": fractions})
+    wanted = {(e["split"], e["index"]) for e in plan.values()}
+    renderer = _Renderer(seed, wanted, n_classes=n_classes, size=image_size, max_objects=max_objects,
+                         position_bias=position_bias, gradient_strength=gradient_strength)  # fmt: skip
     for split_id, (split, count) in enumerate(zip(SPLITS, (n_train, n_val, n_test), strict=True)):
         with ShardWriter(out_dir / "shards", split, shard_size) as writer:
             for chunk in range(-(-count // _CHUNK)):
-                rng = np.random.default_rng([seed, split_id, chunk])
-                images, masks, labels, objects = render_batch(
-                    rng, _CHUNK, n_classes=n_classes, size=image_size, max_objects=max_objects,
-                    position_bias=position_bias, gradient_strength=gradient_strength,
-                )  # fmt: skip
+                images, masks, labels, objects = renderer.chunk(split_id, chunk)
                 for j in range(min(_CHUNK, count - chunk * _CHUNK)):
-                    key, label = f"{split}_{chunk * _CHUNK + j:07d}", int(labels[j])
+                    index, duplicate = chunk * _CHUNK + j, None
+                    data, fmt, mask, label, objs = _png(images[j]), "png", masks[j], int(labels[j]), objects[j]
+                    if split == "train" and index in plan:
+                        data, fmt, mask, label, objs, duplicate = _planted_sample(renderer, index, plan[index], seed)
+                    key = _key(split, index)
                     meta = {"source": "synthetic", "license": "CC0-1.0", "split": split, "label": label}
-                    meta.update({"class_name": names[label], "objects": objects[j], "generator": settings})
-                    png = _png(images[j])
+                    meta.update({"class_name": names[label], "objects": objs, "generator": settings})
+                    if duplicate is not None:
+                        meta["duplicate"] = duplicate
                     path = writer.write(key, {
-                        "png": png, "cls": str(label).encode(), "seg.png": _png(masks[j]),
+                        fmt: data, "cls": str(label).encode(), "seg.png": _png(mask),
                         "json": json.dumps(meta, sort_keys=True).encode(),
                     })  # fmt: skip
-                    record = _record(png, images[j])
+                    record = _record(data, images[j]) if fmt == "png" and duplicate is None else image_record(data)[0]
                     rows.append({**record, "key": key, "split": split, "shard": f"shards/{path.name}", "status": "ok"})
                     rows[-1].update({"label": label, "class_name": names[label], "source": "synthetic"})
-                    rows[-1].update({"license": "CC0-1.0"})
+                    rows[-1].update({"license": "CC0-1.0", **_truth_columns(duplicate)})
         shards[split] = len(writer.shards)
-    write_parquet_atomic(make_manifest(rows), out_dir / "manifest.parquet")
+    write_parquet_atomic(_with_truth(make_manifest(rows), rows), out_dir / "manifest.parquet")
     elapsed = time.perf_counter() - start
+    planted = {kind: sum(e["kind"] == kind for e in plan.values()) for kind in KINDS}
     summary = {
         "out_dir": str(out_dir),
         "manifest": str(out_dir / "manifest.parquet"),
@@ -245,8 +307,21 @@ def generate(
         "shards": shards,
         "classes": names,
         "settings": settings,
+        "planted": planted,
         "elapsed_s": elapsed,
         "images_per_s": len(rows) / max(elapsed, 1e-9),
     }
-    logger.info("synthetic: %d images in %.1f s (%.0f img/s)", len(rows), elapsed, summary["images_per_s"])
+    logger.info("synthetic: %d images in %.1f s (%.0f img/s), planted %s", len(rows), elapsed,
+                summary["images_per_s"], planted)  # fmt: skip
     return summary
+
+
+def _truth_columns(duplicate: dict[str, Any] | None) -> dict[str, str | None]:
+    return {"duplicate_kind": duplicate and duplicate["kind"], "duplicate_of": duplicate and duplicate["of"]}
+
+
+def _with_truth(frame: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The manifest plus the ground truth of the planted copies (null for generated originals)."""
+    for column in ("duplicate_kind", "duplicate_of"):
+        frame[column] = pd.array([r[column] for r in rows], dtype="string")
+    return frame

@@ -1,8 +1,8 @@
 """`franca data fetch | shard | dedup`: the data phases (franca/data) with tracking and provenance.
 
-fetch acquires raw bytes (generated for the tiny preset, downloaded from a URL table, or ingested from a folder or
-ImageNet-21K tars) into `data/<ds>/raw/<split>/`; shard rewrites them into canonical shards plus the manifest;
-dedup decides which training samples are kept.
+fetch acquires raw bytes (generated for the tiny preset, downloaded from a URL table, or ingested from a class
+folder, ImageNet-21K tars or a VOC-style segmentation tree) into `data/<ds>/raw/<split>/`; shard rewrites them into
+canonical shards plus the manifest; dedup decides which training samples are kept.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 def run_fetch(args: argparse.Namespace) -> int:
     from franca import config as fc
 
-    ds = fc.dataset_config(full_config(args), args.dataset)
+    cfg = full_config(args)
+    ds = fc.dataset_config(cfg, args.dataset)
     out = Path(args.out)
     external = [p for p in (ds.get("url_list"), ds.get("root")) if p]
     with job("fetch", args, ds, out, inputs=external, tags={"dataset": args.dataset}) as current:
-        summary = _acquire(ds, out)
+        summary = _acquire(ds, out, class_names=_class_names_from(cfg, ds))
         current.extra["fetch_report"] = summary
         current.extra["sources"] = [
             {
@@ -51,7 +52,22 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _acquire(ds: dict, out: Path) -> dict:
+def _class_names_from(cfg: dict, ds: dict) -> list[str] | None:
+    """Label mapping of a folder dataset that must share another's (``classes_from``: a val tree takes the train
+    tree's sorted class folders, so that a class missing from val does not shift the labels of the others)."""
+    ref = ds.get("classes_from")
+    if not ref:
+        return None
+    from franca import config as fc
+    from franca.data import sources
+
+    other = fc.dataset_config(cfg, ref)
+    if ds["source"] != "folder" or other["source"] != "folder":
+        raise fc.ConfigError(f"data.datasets: classes_from={ref!r} needs two `source: folder` datasets")
+    return sources.folder_class_names(other["root"])
+
+
+def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
     source = ds["source"]
     if source == "synth":
         from franca.data import synthetic
@@ -67,6 +83,7 @@ def _acquire(ds: dict, out: Path) -> dict:
             n_classes=ds["n_classes"],
             shard_size=ds["shard_size"],
             position_bias=ds["position_bias"],
+            **ds.get("duplicates", {}),
         )
         for tar in sorted((tmp / "shards").glob("*.tar")):  # raw/<split>/<split>-%06d.tar
             split = tar.name.split("-")[0]
@@ -81,12 +98,18 @@ def _acquire(ds: dict, out: Path) -> dict:
         return fetch_urls(
             ds["url_list"], out / "train", shard_size=ds["shard_size"], **{k: ds[k] for k in keys if k in ds}
         )
-    if source in ("folder", "in21k_tars"):
-        from franca.data import sources
+    from franca.data import sources
 
-        ingest = sources.ingest_folder if source == "folder" else sources.ingest_imagenet21k_tars
-        return ingest(ds["root"], out / "train", shard_size=ds["shard_size"])
-    raise ValueError(f"data.datasets: unknown source {source!r} (synth | urls | folder | in21k_tars)")
+    if source == "folder":
+        return sources.ingest_folder(ds["root"], out / "train", shard_size=ds["shard_size"], class_names=class_names)
+    if source == "in21k_tars":
+        return sources.ingest_imagenet21k_tars(ds["root"], out / "train", shard_size=ds["shard_size"])
+    if source == "folder_seg":  # raw/<split>/ per id list (train, val), image + seg.png per sample
+        keys = ("splits", "num_classes", "ignore_index", "image_dir", "mask_dir", "list_dir", "license")
+        return sources.ingest_folder_seg(
+            ds["root"], out, shard_size=ds["shard_size"], **{k: ds[k] for k in keys if k in ds}
+        )
+    raise ValueError(f"data.datasets: unknown source {source!r} (synth | urls | folder | in21k_tars | folder_seg)")
 
 
 def run_shard(args: argparse.Namespace) -> int:

@@ -53,17 +53,16 @@ def run_features(args: argparse.Namespace) -> int:
     from franca.train.checkpoint import load_backbone
 
     set_threads(args)
-    sc = fc.stage_config(full_config(args), "features")
-    ev, cls_data, dense = sc["eval"], sc["data"]["classification"], sc["data"]["dense"]
+    cfg = full_config(args)
+    sc = fc.stage_config(cfg, "features")
+    ev, dense = sc["eval"], sc["data"]["dense"]
+    cls_sources = fc.classification_sources(cfg)  # split -> (dataset, split): val/test from val_dataset if given
     backbone, ckpt_cfg = load_backbone(args.checkpoint)
     size = int(ev.get("img_size") or ckpt_cfg["model"]["img_size"])  # the checkpoint's own resolution on tiny
     geo = {"resize_size": size, "crop_size": size, "batch_size": int(ev["batch_size"])}
     n_blocks = max(ev.get("linear", {}).get("n_last_blocks_list", [4]) or [4])
     out = Path(args.out)
-    inputs = [
-        args.checkpoint,
-        *{p for ds in {cls_data["dataset"], dense["dataset"]} for p in shard_files(f"data/{ds}/shards", "*")},
-    ]
+    inputs = [args.checkpoint, *(p for ds in fc.eval_datasets(cfg) for p in shard_files(f"data/{ds}/shards", "*"))]
     with job("features", args, {**sc, "img_size": size}, out, inputs, {"ckpt": args.ckpt_kind}) as current:
         limits = {
             "train": ev.get("max_train_images"),
@@ -72,7 +71,7 @@ def run_features(args: argparse.Namespace) -> int:
         }
         linear = {
             split: extract_linear_features(
-                backbone, _samples(cls_data["dataset"], cls_data[split], limits[split]), n_last_blocks=n_blocks, **geo
+                backbone, _samples(*cls_sources[split], limits[split]), n_last_blocks=n_blocks, **geo
             )
             for split in ("train", "val", "test")
         }
@@ -85,6 +84,7 @@ def run_features(args: argparse.Namespace) -> int:
         }
         features = {
             "linear": linear,
+            "linear_sources": {split: list(source) for split, source in cls_sources.items()},
             "dense": patches,
             "num_classes": int(dense["n_classes"]),
             "checkpoint": str(args.checkpoint),

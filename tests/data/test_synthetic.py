@@ -48,6 +48,7 @@ def test_same_seed_same_bytes_and_shard_size_independent(dataset, tmp_path):
         pd.read_parquet(root / "manifest.parquet"), pd.read_parquet(tmp_path / "a" / "manifest.parquet")
     )
     assert summary["shards"] == again["shards"] == {"train": 3, "val": 1, "test": 1}
+    assert summary["planted"] == {"exact_copy": 3, "near_copy": 6, "eval_near_copy": 3}  # 1 %, 2 %, 1 % of 300
     resharded = generate(tmp_path / "b", seed=11, n_train=300, n_val=40, n_test=40, image_size=96, shard_size=50)
     assert resharded["shards"]["train"] == 6
     assert members(root / "shards") == members(tmp_path / "b" / "shards")  # same samples, other packing
@@ -72,6 +73,8 @@ def test_labels_and_masks_agree_with_drawn_objects(dataset):
     colours = class_colours(8)
     checked_area = 0
     for sample in samples:
+        if "duplicate" in sample["meta"]:  # planted copies: tests/data/test_synthetic_duplicates.py
+            continue
         seg, meta, label = sample["seg"], sample["meta"], sample["label"]
         image = np.asarray(sample["image"], dtype=np.float64) / 255.0
         objects = meta["objects"]
@@ -106,7 +109,7 @@ def test_position_bias_knob(tmp_path, bias):
     generate(tmp_path, seed=1, n_train=256, n_val=0, n_test=0, image_size=64, position_bias=bias, shard_size=256)
     samples = list(iter_samples(list_shards(tmp_path / "shards", "train")))
     offsets, ramp = [], []
-    for s in samples:
+    for s in (s for s in samples if "duplicate" not in s["meta"]):  # planted copies may be cropped or resized
         primary = s["meta"]["objects"][-1]  # drawn last
         angle = 2 * np.pi * primary["class"] / 8
         anchor = 32 + 16 * np.array([np.cos(angle), np.sin(angle)])

@@ -1,5 +1,7 @@
 """Config composition: presets carry the published recipe, stage slices isolate what each stage depends on."""
 
+import re
+
 import pytest
 
 from franca import config as fc
@@ -69,3 +71,46 @@ def test_stage_slices_are_independent():
 def test_bad_values_are_rejected_with_the_key_named(override, message):
     with pytest.raises(fc.ConfigError, match=message.replace(".", r"\.")):
         fc.validate(fc.compose("tiny", "franca", overrides=(override,)))
+
+
+def _dry_run_blocks(out: str) -> list[dict[str, str]]:
+    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "output": ..., "wildcards": ...}."""
+    jobs = []
+    for line in out.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append({"rule": match.group(1)})
+        elif jobs and (match := re.match(r"^    (\w+): (.*)$", line)):
+            jobs[-1][match.group(1)] = match.group(2)
+    return jobs
+
+
+def test_small_dag_reads_in_val_for_classification(tmp_path):
+    """`snakemake -n` with the small preset and local roots: in_val is fetched and sharded, and every features job
+    (hence every eval job) takes its shards beside in_train's and voc's."""
+    import json
+    import os
+
+    import repo_copy
+
+    repo = repo_copy.copy_repo(tmp_path / "repo")
+    roots = {"in_train": tmp_path / "in" / "train", "in_val": tmp_path / "in" / "val", "voc": tmp_path / "VOC2012"}
+    config = {
+        "preset": "small",
+        "experiments": {"franca": {"seeds": [0], "highres": False, "rasa": True}},
+        "overrides": [f"data.datasets.{name}.root={root}" for name, root in roots.items()],
+        "dvc": {"commit_on_success": False, "push_on_success": False},
+    }
+    (tmp_path / "small.json").write_text(json.dumps(config))
+    env = {**os.environ, "PATH": f"{repo_copy.BIN}:{os.environ['PATH']}", "FRANCA_TRACKING": "off"}
+    cmd = ["snakemake", "-n", "--cores", "1", "--configfile", str(tmp_path / "small.json")]
+    jobs = _dry_run_blocks(repo_copy.run(cmd, repo, env, 600).stdout)
+    fetched = {job["wildcards"] for job in jobs if job["rule"] == "fetch"}
+    assert fetched == {"dataset=in_train", "dataset=in_val", "dataset=voc"}
+    features = [job for job in jobs if job["rule"] == "features"]
+    assert features and all(
+        job["input"].split(", ")[1:] == ["data/in_train/shards", "data/in_val/shards", "data/voc/shards"]
+        for job in features
+    )
+    outputs = {path for job in features for path in job["output"].split(", ")}
+    evals = [job for job in jobs if job["rule"] in ("evaluate", "evaluate_rasa")]
+    assert evals and all(job["input"].split(", ")[0] in outputs for job in evals)

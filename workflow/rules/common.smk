@@ -118,9 +118,10 @@ def pretrain_inputs(wildcards):
 
 
 def eval_shards(wildcards):
-    data = cfg(wildcards.exp)["data"]
-    names = {data["classification"]["dataset"], data["dense"]["dataset"], data["rasa"]["dataset"]}
-    names |= {data["classification"].get("val_dataset")} - {None}
+    """Shards of the features job: the classification train set, its val/test set (`val_dataset` when given) and
+    the dense set (fc.eval_datasets), plus the RASA role's dataset."""
+    full = cfg(wildcards.exp)
+    names = set(fc.eval_datasets(full)) | {full["data"]["rasa"]["dataset"]}
     return [shard_dir(name) for name in sorted(names)]
 
 
