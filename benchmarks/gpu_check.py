@@ -168,7 +168,7 @@ def check_wrappers(cfg: dict) -> dict:
         got = _steps(cfg, mode, "fp32", batches, 3)
         res[f"{mode}_fp32_vs_plain"] = {
             "losses": got["losses"], "plain_losses": plain["losses"],
-            "max_loss_diff": max(abs(a - b) for a, b in zip(got["losses"], plain["losses"])),
+            "max_loss_diff": max(abs(a - b) for a, b in zip(got["losses"], plain["losses"], strict=True)),
             "max_student_diff": _max_diff(got["student"], plain["student"]),
             "max_teacher_diff": _max_diff(got["teacher"], plain["teacher"]),
         }  # fmt: skip
@@ -256,10 +256,10 @@ def check_throughput(cfg: dict, workdir: Path) -> dict:
         return res
     batch = _random_batch(cfg, 64, 0, DEVICE)
     for precision in ("fp32", "bf16"):
+        from franca.train import distributed as D
         from franca.train.loop import _build_model, _precision, train_step
         from franca.train.optim import build_optimizer
         from franca.train.schedules import build_schedules
-        from franca.train import distributed as D
 
         model = _build_model(cfg, D.DistInfo(0, 1, 0, DEVICE, None), seed=0)
         optimizer = build_optimizer(model.param_groups(), cfg)
