@@ -71,6 +71,7 @@ def test_worker_stacked_crops_give_the_same_batch(as_pairs):
     """DataLoader workers stack the crops (stack_crops); masks drawn afterwards in the main process must give the
     batch that collating the sample list gives, with the same RNG draws."""
     samples = make_samples(5, as_pairs=as_pairs)
+
     def masking():
         return CyclicMask((8, 8), rng=random.Random(3), np_rng=np.random.default_rng(3))
 
