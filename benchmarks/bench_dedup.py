@@ -4,8 +4,8 @@ Builds a training set of ``--n-base`` distinct photo-like images (colour 1/f noi
 of ``--per-transform`` of them under each transformation (exact, resize 0.5, JPEG q30, colour shift, crops of
 4/6/8/10 % of each dimension), and an evaluation set whose images are also copied into train. Reports:
   * descriptor rate of the shard stage (sha256 + pHash + colour layout per image, images/s),
-  * ``deduplicate`` wall time and images/s, recall per transformation and precision (pHash alone and the default
-    pHash + colour-layout cascade),
+  * ``deduplicate`` wall time and images/s, recall per transformation and precision (pHash alone, the pHash + raw
+    colour-layout cascade, and the default cascade with the channel-normalised layout test too),
   * multi-index hashing alone on ``--mih-n`` uniformly random 64-bit hashes at t = 10 and 14 (time, candidates).
 
     .venv/bin/python benchmarks/bench_dedup.py --n-base 2000 --per-transform 100
@@ -116,12 +116,14 @@ def main() -> None:
         result["descriptor_images_per_s"] = rate
         for label, kwargs in [
             ("phash_only", {"verify_threshold": None, "eval_verify_threshold": None}),
+            ("raw_layout_only", {"normalized_layout_threshold": -1}),
             ("default", {}),
         ]:
             start = time.perf_counter()
             report = deduplicate(train_manifest, [eval_manifest], Path(tmp) / label, **kwargs)
             result[label] = {"seconds": time.perf_counter() - start, "images_per_s": report["images_per_s"],
                              "thresholds": report["thresholds"], "removed": report["removed"],
+                             "removed_by_test": report["removed_by_test"],
                              **score(Path(tmp) / label, truth, eval_copies)}  # fmt: skip
     hashes = rng.integers(0, 2**63, size=args.mih_n, dtype=np.uint64) * np.uint64(2)
     for threshold in (10, 14):

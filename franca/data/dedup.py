@@ -8,27 +8,26 @@ Order of the decisions (a training image is removed for the first reason that ap
   2. ``exact_duplicate``: same sha256 as an earlier kept training image (manifest order decides who stays).
   3. ``near_duplicate``: a near copy of an earlier kept training image.
 
-Pair rule (pHash descriptor): Hamming distance ``d <= hamming_threshold``, or ``d <= verify_threshold`` and a colour
-layout RMS difference ``<= layout_threshold`` (the two-descriptor cascade that makes slight crops, which move pHash
-by 10-16 bits, detectable without accepting the different images found at those distances; see phash.py).
-Candidate pairs inside the training set come from multi-index hashing: the 64 bits are split into ``m`` bands
-and two hashes within distance ``t`` agree within ``floor(t / m)`` bits on at least one band (pigeonhole), so
-probing each band's sorted table with every flip pattern of that radius finds all pairs; the candidates are then
-verified. The cost is ``O(n * m * patterns * bucket)``, never all pairs.
+Pair rule (pHash descriptor, ``phash.pair_tests``): Hamming distance ``d <= hamming_threshold``, or
+``d <= verify_threshold`` and either a colour layout RMS difference ``<= layout_threshold`` (the two-descriptor
+cascade that makes slight crops, which move pHash by 10-16 bits, detectable without accepting the different images
+found at those distances) or a channel-normalised layout RMS difference ``<= normalized_layout_threshold`` (colour
+shifts: per-channel gain and offset move the raw layout as far as a different image; -1 disables the test). The
+test that accepted each removed pair is recorded. Candidate pairs inside the training set come from multi-index
+hashing (``phash.near_duplicate_pairs``), never from all pairs.
 
 Outputs in ``out_dir``: ``kept.txt`` (kept keys in manifest order), ``removed.parquet`` (key, reason, matched key,
-distance or similarity), ``report.json`` (counts per reason, thresholds, throughput) and ``pairs.png`` (thumbnails
+distance or similarity, the pair-rule test and its layout differences), ``report.json`` (counts per reason and per
+test, thresholds, throughput) and ``pairs.png`` (thumbnails
 of removed pairs, as the paper's dedup figure).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
 import warnings
-from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,20 @@ import numpy as np
 import pandas as pd
 
 from franca.data.manifest import read_manifest, write_parquet_atomic
-from franca.data.phash import hamming, hex_to_layout, hex_to_phash, layout_rms, phash_to_bits
+from franca.data.phash import (
+    PAIR_TESTS,
+    choose_bands,
+    hex_to_layout,
+    hex_to_phash,
+    near_duplicate_pairs,
+    pair_tests,
+    phash_to_bits,
+)
 from franca.data.shards import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["choose_bands", "near_duplicate_pairs", "greedy_removal", "deduplicate"]
+__all__ = ["choose_bands", "near_duplicate_pairs", "greedy_removal", "deduplicate"]  # the first two: phash.py
 
 # Defaults measured on planted duplicates (tests/data/test_dedup.py, benchmarks/bench_dedup.py).
 HAMMING_THRESHOLD = 10
@@ -50,99 +57,8 @@ EVAL_HAMMING_THRESHOLD = 12
 VERIFY_THRESHOLD = 14  # bounded by the cost of multi-index hashing (the Hamming ball grows fast)
 EVAL_VERIFY_THRESHOLD = 16  # faiss brute force: the radius costs nothing, and eval copies must not survive
 LAYOUT_THRESHOLD = 8.0
+NORMALIZED_LAYOUT_THRESHOLD = 0.06  # colour-shifted copies <= 0.032, unrelated pairs >= 0.158 (see config/data)
 EVAL_SIMILARITY_THRESHOLD = 0.75  # SSCD's recommended copy-detection threshold
-
-
-def _patterns(width: int, radius: int) -> np.ndarray:
-    """All XOR masks of ``width`` bits with at most ``radius`` bits set, as uint64."""
-    masks = [0]
-    for k in range(1, radius + 1):
-        masks += [sum(1 << b for b in bits) for bits in itertools.combinations(range(width), k)]
-    return np.array(masks, dtype=np.uint64)
-
-
-def choose_bands(n: int, threshold: int) -> int:
-    """Number of bands minimising the estimated probes ``m * patterns(64/m, t//m) * (1 + n / 2^(64/m))``."""
-    best, best_cost = 1, float("inf")
-    for m in range(1, min(threshold + 1, 16) + 1):
-        width, radius = 64 // m, threshold // m
-        patterns = sum(comb(width, k) for k in range(radius + 1))
-        cost = m * patterns * (1.0 + n / 2.0**width)
-        if cost < best_cost:
-            best, best_cost = m, cost
-    return best
-
-
-class _BandTable:
-    """Rows grouped by band value: ``order`` sorts the rows; ``bucket(q)`` gives (first position, size) per value.
-
-    Bands of up to 24 bits use a dense table (one gather per probe); wider bands a binary search.
-    """
-
-    def __init__(self, vals: np.ndarray, width: int):
-        self.order = np.argsort(vals, kind="stable")
-        if width <= 24:
-            counts = np.bincount(vals.astype(np.int64), minlength=1 << width)
-            self.starts, self.counts, self.sorted = np.cumsum(counts) - counts, counts, None
-        else:
-            self.sorted = vals[self.order]
-
-    def bucket(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.sorted is None:
-            idx = q.astype(np.int64)
-            return self.starts[idx], self.counts[idx]
-        lo = np.searchsorted(self.sorted, q, "left")
-        return lo, np.searchsorted(self.sorted, q, "right") - lo
-
-
-def _probe(h, vals, table: _BandTable, pattern: int, rows: np.ndarray, threshold: int) -> tuple[np.ndarray, int]:
-    """Verified pairs ``(min, max, d)`` whose band values differ by ``pattern``, probed from ``rows``.
-
-    Each unordered pair is probed once per pattern: from its member with the smaller band value (pattern != 0), or
-    from its smaller index (pattern 0, same bucket).
-    """
-    q = vals[rows] ^ np.uint64(pattern)  # (R,) band values of the partners
-    if pattern:
-        probe = q > vals[rows]
-        rows, q = rows[probe], q[probe]
-    lo, cnt = table.bucket(q)  # first sorted position and size of each partner bucket
-    ii = np.repeat(rows, cnt)
-    jj = table.order[np.repeat(lo, cnt) + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)]
-    if not pattern:
-        ii, jj = ii[ii < jj], jj[ii < jj]
-    d = hamming(h[ii], h[jj])
-    ok = d <= threshold
-    return np.stack([np.minimum(ii, jj)[ok], np.maximum(ii, jj)[ok], d[ok]], axis=1), len(ii)
-
-
-def near_duplicate_pairs(
-    hashes: np.ndarray, threshold: int, n_bands: int | None = None, block: int = 1 << 16
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-    """All pairs ``i < j`` with ``hamming(h_i, h_j) <= threshold`` by multi-index hashing.
-
-    Args:
-        hashes: (n,) uint64.
-    Returns:
-        i, j, d: (P,) int64 arrays sorted by (j, d, i); stats (bands, radius, candidates checked).
-    """
-    h = np.asarray(hashes, dtype=np.uint64)
-    n = len(h)
-    m = n_bands or choose_bands(n, threshold)
-    bounds = np.linspace(0, 64, m + 1).astype(int)  # band b covers bits [bounds[b], bounds[b+1]) from the MSB
-    radius, found, candidates = threshold // m, [], 0
-    for b in range(m):
-        width = int(bounds[b + 1] - bounds[b])
-        vals = (h >> np.uint64(64 - bounds[b + 1])) & np.uint64((1 << width) - 1)  # (n,)
-        table = _BandTable(vals, width)
-        for p in _patterns(width, radius).tolist():
-            for start in range(0, n, block):
-                pairs, checked = _probe(h, vals, table, p, np.arange(start, min(start + block, n)), threshold)
-                found.append(pairs)
-                candidates += checked
-    pairs = np.unique(np.concatenate(found, axis=0), axis=0) if found else np.zeros((0, 3), dtype=np.int64)
-    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 2], pairs[:, 1]))]  # by j, then d, then i
-    stats = {"bands": m, "radius_per_band": radius, "candidates": candidates, "pairs": len(pairs)}
-    return pairs[:, 0], pairs[:, 1], pairs[:, 2], stats
 
 
 def greedy_removal(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,42 +132,43 @@ def _layouts(frame: pd.DataFrame) -> np.ndarray | None:
     return hex_to_layout(frame["layout"])
 
 
-def _accept(d, strict, loose, layout_a, layout_b, ia, ib, opts) -> np.ndarray:
-    """The pair rule: ``d <= strict`` or (``d <= loose`` and colour layouts within ``layout_threshold``)."""
-    d = np.asarray(d)
-    accept = d <= strict
-    if loose > strict and layout_a is not None and layout_b is not None and len(d):
-        accept |= (d <= loose) & (layout_rms(layout_a[ia], layout_b[ib]) <= opts["layout_threshold"])
-    return accept
+def _tests(d, strict, loose, layout_a, layout_b, ia, ib, opts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``phash.pair_tests`` on pairs (``layout_a[ia]``, ``layout_b[ib]``): (test index or -1, raw, normalised)."""
+    pairs = None if layout_a is None or layout_b is None else (layout_a[ia], layout_b[ib])
+    thresholds = opts["layout_threshold"], opts["normalized_layout_threshold"]
+    return pair_tests(np.asarray(d), strict, loose, pairs, *thresholds)
 
 
 def _phash_eval_hits(train: pd.DataFrame, evals: pd.DataFrame, opts: dict) -> tuple[np.ndarray, ...]:
-    """Per train row with an accepted eval match: (train row, closest eval row, Hamming distance)."""
+    """Per train row with an accepted eval match: (train row, closest eval row, Hamming distance, test, layout
+    difference of that test)."""
     strict, loose = opts["eval_hamming_threshold"], max(opts["eval_hamming_threshold"], opts["eval_verify"])
     index = faiss.IndexBinaryFlat(64)
     index.add(phash_to_bits(hex_to_phash(evals["phash"])))
     lims, dist, nearest = index.range_search(phash_to_bits(hex_to_phash(train["phash"])), loose + 1)  # d < radius
     query = np.repeat(np.arange(len(train)), np.diff(lims.astype(np.int64)))  # (P,) train row of each hit
-    accept = _accept(dist, strict, loose, _layouts(train), _layouts(evals), query, nearest, opts)
-    query, dist, nearest = query[accept], dist[accept], nearest[accept]
-    order = np.lexsort((nearest, dist, query))  # per train row: the closest accepted eval image first
+    test, raw, norm = _tests(dist, strict, loose, _layouts(train), _layouts(evals), query, nearest, opts)
+    accept = test >= 0
+    query, dist, nearest, test = query[accept], dist[accept], nearest[accept], test[accept]
+    value = np.where(test == 2, norm[accept], raw[accept])  # the difference the accepting test compared
+    order = np.lexsort((nearest, test, dist, query))  # per train row: the closest accepted eval image first
     first = order[np.r_[True, query[order][1:] != query[order][:-1]]] if len(order) else order
-    return query[first], nearest[first], dist[first]
+    return query[first], nearest[first], dist[first], test[first], value[first]
 
 
 def _eval_matches(train: pd.DataFrame, evals: pd.DataFrame, descriptor: str, opts: dict) -> pd.DataFrame:
-    """One row per train index matched to an eval image: (index, reason, matched, distance)."""
-    rows = []
+    """One row per train index matched to an eval image: (index, reason, matched, distance, test, layout)."""
+    rows, columns = [], ["index", "reason", "matched", "distance", "test", "layout"]
     if evals.empty:
-        return pd.DataFrame(rows, columns=["index", "reason", "matched", "distance"])
+        return pd.DataFrame(rows, columns=columns)
     first_ref = evals.drop_duplicates("sha256").set_index("sha256")["ref"]
     exact = train["sha256"].map(first_ref)
-    rows += [(i, "eval_exact", ref, 0.0) for i, ref in exact.dropna().items()]
+    rows += [(i, "eval_exact", ref, 0.0, "sha256", np.nan) for i, ref in exact.dropna().items()]
     if descriptor == "phash":
-        query, nearest, dist = _phash_eval_hits(train, evals, opts)
+        hits = zip(*(a.tolist() for a in _phash_eval_hits(train, evals, opts)), strict=True)
         rows += [
-            (q, "eval_near_copy", evals["ref"].iat[e], float(d))
-            for q, e, d in zip(query.tolist(), nearest.tolist(), dist.tolist(), strict=True)
+            (q, "eval_near_copy", evals["ref"].iat[e], float(d), PAIR_TESTS[t], v)
+            for q, e, d, t, v in hits
             if pd.isna(exact.iat[q])
         ]
     else:
@@ -261,8 +178,9 @@ def _eval_matches(train: pd.DataFrame, evals: pd.DataFrame, descriptor: str, opt
         index.add(eval_embeddings)
         sim, nearest = index.search(_embed(train, descriptor, size, batch), 1)
         hit = (sim[:, 0] >= opts["eval_similarity_threshold"]) & exact.isna().to_numpy()
-        rows += [(i, "eval_near_copy", evals["ref"].iat[nearest[i, 0]], float(sim[i, 0])) for i in np.flatnonzero(hit)]
-    return pd.DataFrame(rows, columns=["index", "reason", "matched", "distance"])
+        ref = evals["ref"].to_numpy()[nearest[:, 0]]
+        rows += [(i, "eval_near_copy", ref[i], float(sim[i, 0]), "embedding", np.nan) for i in np.flatnonzero(hit)]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _pairs_figure(removed: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFrame, path: Path, max_pairs: int) -> int:
@@ -297,32 +215,48 @@ def _pairs_figure(removed: pd.DataFrame, train: pd.DataFrame, evals: pd.DataFram
             ax = axes[n // cols, 2 * (n % cols) + side]
             if image is not None:
                 ax.imshow(image)
-            ax.set_title(f"{rec.reason}\n{rec.distance:g}" if side == 0 else ref[-24:], fontsize=6)
+            ax.set_title(_caption(rec) if side == 0 else ref[-24:], fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return len(shown)
 
 
+def _caption(rec) -> str:
+    """Reason, then the test that matched with its value: ``d=12 normalized_layout 0.021``, ``sha256``..."""
+    if rec.test in ("sha256", "embedding"):
+        return f"{rec.reason}\n{rec.test}" + (f" {rec.distance:.3f}" if rec.test == "embedding" else "")
+    value = "" if pd.isna(rec.layout) else f" {rec.layout:.3g}"
+    return f"{rec.reason}\nd={rec.distance:g} {rec.test}{value}"
+
+
 def _near_stage(train: pd.DataFrame, alive: np.ndarray, threshold: int, opts: dict, n_bands: int | None):
-    """Within-train near duplicates among ``alive`` rows: (removed rows, matched rows, distances, MIH stats)."""
+    """Within-train near duplicates among ``alive`` rows: (removed rows, matched rows, distances, tests, layout
+    differences, MIH stats)."""
     loose = max(threshold, opts["verify"])
     if loose < 0:  # near-duplicate removal disabled
-        return alive[:0], alive[:0], alive[:0], {"disabled": True}
+        return alive[:0], alive[:0], alive[:0], alive[:0], np.zeros(0), {"disabled": True}
     i, j, d, mih = near_duplicate_pairs(hex_to_phash(train["phash"].iloc[alive]), loose, n_bands)
     layouts = _layouts(train.iloc[alive])
-    accept = _accept(d, threshold, loose, layouts, layouts, i, j, opts)
+    test, _, _ = _tests(d, threshold, loose, layouts, layouts, i, j, opts)
+    accept = test >= 0
     mih["accepted"] = int(accept.sum())
     match, dist = greedy_removal(len(alive), i[accept], j[accept], d[accept])  # order (j, d, i) is kept
     near = np.flatnonzero(match >= 0)
-    return alive[near], alive[match[near]], dist[near], mih
+    # the test of each kept pair, re-derived (pair_tests is deterministic; the first test that accepts wins)
+    test, raw, norm = _tests(dist[near], threshold, loose, layouts, layouts, match[near], near, opts)
+    return alive[near], alive[match[near]], dist[near], test, np.where(test == 2, norm, raw), mih
 
 
-def _write_outputs(out_dir: Path, train: pd.DataFrame, reason, matched, distance) -> pd.DataFrame:
+def _write_outputs(out_dir: Path, train: pd.DataFrame, reason, matched, distance, test, layout) -> pd.DataFrame:
+    """kept.txt and removed.parquet: key, reason, matched_key, distance (Hamming, or cosine similarity for an
+    embedding descriptor; 0 for sha256), shard, test (``sha256``, ``embedding`` or a ``PAIR_TESTS`` name) and
+    layout (the raw or normalised layout difference the test compared; NaN for the others)."""
     gone = reason != None  # noqa: E711 (element-wise)
     removed = pd.DataFrame({"key": train["key"][gone], "reason": reason[gone], "matched_key": matched[gone]})
-    removed = removed.assign(distance=distance[gone], shard=train["shard"][gone]).reset_index(drop=True)
-    removed = removed.astype({"key": "string", "reason": "string", "matched_key": "string"})
+    removed = removed.assign(distance=distance[gone], shard=train["shard"][gone], test=test[gone])
+    removed = removed.assign(layout=layout[gone].astype(np.float64)).reset_index(drop=True)
+    removed = removed.astype({"key": "string", "reason": "string", "matched_key": "string", "test": "string"})
     atomic_write_bytes(out_dir / "kept.txt", "".join(f"{k}\n" for k in train["key"][~gone]).encode())
     write_parquet_atomic(removed, out_dir / "removed.parquet")
     return removed
@@ -339,6 +273,7 @@ def deduplicate(
     verify_threshold: int | None = VERIFY_THRESHOLD,
     eval_verify_threshold: int | None = EVAL_VERIFY_THRESHOLD,
     layout_threshold: float = LAYOUT_THRESHOLD,
+    normalized_layout_threshold: float = NORMALIZED_LAYOUT_THRESHOLD,
     descriptor: str = "phash",
     train_split: str = "train",
     eval_splits: list[str] | None = None,
@@ -352,7 +287,7 @@ def deduplicate(
     ``eval_manifests`` may include the training manifest itself, whose non-``train_split`` splits then count as
     evaluation sets. ``descriptor`` is ``"phash"`` or the path of a TorchScript model (images -> embeddings).
     A negative Hamming threshold with ``None`` verify threshold disables that near-copy test (exact copies by
-    sha256 are always removed).
+    sha256 are always removed); a negative ``normalized_layout_threshold`` disables the colour-shift test.
     """
     start, out_dir, train_manifest = time.perf_counter(), Path(out_dir), Path(train_manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -363,24 +298,29 @@ def deduplicate(
     n = len(train)
     thresholds = {"hamming": hamming_threshold, "verify_hamming": verify_threshold}
     thresholds.update(eval_hamming=eval_hamming_threshold, eval_verify_hamming=eval_verify_threshold)
-    thresholds.update(layout_rms=layout_threshold, eval_similarity=eval_similarity_threshold)
+    thresholds.update(layout_rms=layout_threshold, normalized_layout_rms=normalized_layout_threshold)
+    thresholds["eval_similarity"] = eval_similarity_threshold
     opts = {"eval_hamming_threshold": eval_hamming_threshold, "eval_similarity_threshold": eval_similarity_threshold}
     opts.update(image_size=image_size, batch_size=batch_size, layout_threshold=layout_threshold)
+    opts["normalized_layout_threshold"] = normalized_layout_threshold
     opts["verify"] = -1 if verify_threshold is None else verify_threshold
     opts["eval_verify"] = -1 if eval_verify_threshold is None else eval_verify_threshold
     reason, matched, distance = np.full(n, None, dtype=object), np.full(n, None, dtype=object), np.zeros(n)
+    test, layout = np.full(n, None, dtype=object), np.full(n, np.nan)
     for rec in _eval_matches(train, evals, descriptor, opts).itertuples():  # (1) eval copies
         reason[rec.index], matched[rec.index], distance[rec.index] = rec.reason, rec.matched, rec.distance
+        test[rec.index], layout[rec.index] = rec.test, rec.layout
     timings = {"eval_s": time.perf_counter() - start}
     alive = np.flatnonzero(reason == None)  # noqa: E711 (element-wise)
     first = train.iloc[alive].groupby("sha256", sort=False)["key"].transform("first").to_numpy()
     dup = first != train["key"].to_numpy()[alive]  # (2) exact duplicates inside train
-    reason[alive[dup]], matched[alive[dup]] = "exact_duplicate", first[dup]
+    reason[alive[dup]], matched[alive[dup]], test[alive[dup]] = "exact_duplicate", first[dup], "sha256"
     t0 = time.perf_counter()
-    rows, kept_rows, dist, mih = _near_stage(train, alive[~dup], hamming_threshold, opts, n_bands)  # (3)
-    reason[rows], matched[rows], distance[rows] = "near_duplicate", train["key"].to_numpy()[kept_rows], dist
+    rows, kept_rows, dist, tests, values, mih = _near_stage(train, alive[~dup], hamming_threshold, opts, n_bands)
+    reason[rows], matched[rows], distance[rows] = "near_duplicate", train["key"].to_numpy()[kept_rows], dist  # (3)
+    test[rows], layout[rows] = [PAIR_TESTS[t] for t in tests.tolist()], values
     timings["near_s"] = time.perf_counter() - t0
-    removed = _write_outputs(out_dir, train, reason, matched, distance)
+    removed = _write_outputs(out_dir, train, reason, matched, distance, test, layout)
     shown = _pairs_figure(removed, train, evals, out_dir / "pairs.png", max_pairs) if len(removed) else 0
     elapsed = time.perf_counter() - start
     report = {
@@ -392,6 +332,7 @@ def deduplicate(
         "n_eval": len(evals),
         "kept": n - len(removed),
         "removed": {r: int((removed["reason"] == r).sum()) for r in sorted(removed["reason"].unique())},
+        "removed_by_test": {t: int((removed["test"] == t).sum()) for t in sorted(removed["test"].unique())},
         "multi_index_hashing": mih,
         "pairs_shown": shown,
         "timings_s": {**timings, "total_s": elapsed},

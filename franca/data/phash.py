@@ -14,13 +14,27 @@ pHash is robust to resizing, re-compression and colour shifts but not to crops b
 ``benchmarks/bench_dedup.py``), so the manifest also stores a second descriptor, the **colour layout**: the mean
 RGB of a 4 x 4 grid (48 bytes, hex). Dedup accepts a pair with a moderate pHash distance only when the layouts
 agree too (``layout_rms``): a crop keeps the layout, two different images with similar pHashes do not.
+
+A colour shift (per-channel gain and offset, e.g. a white-balance or exposure change) moves the raw layout as much
+as a different image does, so the pair rule has a third test: the RMS difference of the **channel-normalised**
+layouts (``normalize_layout``: each thumbnail's 16 cells z-scored per colour channel), which is invariant to any
+per-channel affine map with positive gain. On a near-flat channel the z-scores are quantisation noise, so a layout
+with a channel standard deviation under ``LAYOUT_MIN_STD`` never passes that test (``inf``; the raw test still
+applies). ``pair_tests`` applies the whole cascade and names the test that accepted each pair.
+
+All pairs within Hamming distance ``t`` of ``n`` hashes (``near_duplicate_pairs``) come from multi-index hashing:
+the 64 bits are split into ``m`` bands and two hashes within distance ``t`` agree within ``floor(t / m)`` bits on
+at least one band (pigeonhole), so probing each band's sorted table with every flip pattern of that radius finds all
+pairs; the candidates are then verified. The cost is ``O(n * m * patterns * bucket)``, never all pairs.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterable
 from functools import lru_cache
+from math import comb
 
 import numpy as np
 from PIL import Image
@@ -39,6 +53,13 @@ __all__ = [
     "colour_layout",
     "hex_to_layout",
     "layout_rms",
+    "LAYOUT_MIN_STD",
+    "PAIR_TESTS",
+    "normalize_layout",
+    "normalized_layout_rms",
+    "pair_tests",
+    "choose_bands",
+    "near_duplicate_pairs",
 ]
 
 HASH_SIZE = 8  # 8 x 8 = 64 bits
@@ -136,3 +157,155 @@ def hex_to_layout(values: Iterable[str]) -> np.ndarray:
 def layout_rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise RMS difference (0..255 scale) of two ``(N, 48)`` layout arrays."""
     return np.sqrt(np.mean((a - b) ** 2, axis=-1))
+
+
+LAYOUT_MIN_STD = 4.0  # (0..255 scale) per-channel spread of the 16 cells below which z-scores are noise
+PAIR_TESTS = ("hamming", "layout", "normalized_layout")  # the pair rule's tests, in the order they are tried
+
+
+def normalize_layout(layouts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, 48)`` layouts -> ``(N, 48)`` per-thumbnail, per-channel z-scores and ``(N,)`` bool "has contrast".
+
+    A row has contrast when each of its three channels has a standard deviation (over the 16 cells) of at least
+    ``LAYOUT_MIN_STD``; rows without it get zeros and never pass the normalised test.
+    """
+    cells = np.asarray(layouts, dtype=np.float32).reshape(-1, LAYOUT_GRID * LAYOUT_GRID, 3)  # (N, 16, RGB)
+    mean, std = cells.mean(axis=1, keepdims=True), cells.std(axis=1, keepdims=True)  # (N, 1, 3)
+    contrast = std.min(axis=(1, 2)) >= LAYOUT_MIN_STD  # (N,)
+    z = np.where(contrast[:, None, None], (cells - mean) / np.maximum(std, LAYOUT_MIN_STD), 0.0)
+    return z.reshape(len(cells), -1).astype(np.float32), contrast
+
+
+def normalized_layout_rms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise RMS difference of the channel-normalised layouts of ``(N, 48)`` arrays; ``inf`` without contrast.
+
+    With contrast it equals ``sqrt(mean_c 2 (1 - r_c))``, ``r_c`` the Pearson correlation of channel ``c``'s 16
+    cells in the two layouts: 0 under any per-channel gain > 0 and offset, about 1.4 for unrelated layouts.
+    """
+    (za, ca), (zb, cb) = normalize_layout(a), normalize_layout(b)
+    return np.where(ca & cb, layout_rms(za, zb), np.inf)
+
+
+def pair_tests(
+    d: np.ndarray,
+    strict: int,
+    loose: int,
+    layouts: tuple[np.ndarray, np.ndarray] | None,
+    layout_threshold: float,
+    normalized_layout_threshold: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The dedup pair rule on candidate pairs with Hamming distances ``d`` (P,), first test that accepts wins:
+
+    1. ``hamming``: ``d <= strict``;
+    2. ``layout``: ``d <= loose`` and raw layout RMS ``<= layout_threshold``;
+    3. ``normalized_layout``: ``d <= loose`` and channel-normalised layout RMS ``<= normalized_layout_threshold``
+       (skipped when that threshold is negative).
+
+    ``layouts`` holds the two ``(P, 48)`` layouts of each pair, or None (pHash rule only). Returns ``test`` (P,)
+    int8 index into ``PAIR_TESTS`` (-1: rejected), and the raw and normalised layout differences (P,) float32
+    (NaN where not computed: outside ``loose`` or accepted by ``hamming``).
+    """
+    d = np.asarray(d)
+    test = np.where(d <= strict, 0, -1).astype(np.int8)
+    raw, norm = np.full(len(d), np.nan, np.float32), np.full(len(d), np.nan, np.float32)
+    rows = np.flatnonzero((test < 0) & (d <= loose)) if layouts is not None and loose > strict else []
+    if len(rows):
+        a, b = layouts[0][rows], layouts[1][rows]  # (R, 48)
+        raw[rows] = layout_rms(a, b)
+        test[rows[raw[rows] <= layout_threshold]] = 1
+        if normalized_layout_threshold >= 0:
+            norm[rows] = normalized_layout_rms(a, b)
+            test[rows[(test[rows] < 0) & (norm[rows] <= normalized_layout_threshold)]] = 2
+    return test, raw, norm
+
+
+def _patterns(width: int, radius: int) -> np.ndarray:
+    """All XOR masks of ``width`` bits with at most ``radius`` bits set, as uint64."""
+    masks = [0]
+    for k in range(1, radius + 1):
+        masks += [sum(1 << b for b in bits) for bits in itertools.combinations(range(width), k)]
+    return np.array(masks, dtype=np.uint64)
+
+
+def choose_bands(n: int, threshold: int) -> int:
+    """Number of bands minimising the estimated probes ``m * patterns(64/m, t//m) * (1 + n / 2^(64/m))``."""
+    best, best_cost = 1, float("inf")
+    for m in range(1, min(threshold + 1, 16) + 1):
+        width, radius = 64 // m, threshold // m
+        patterns = sum(comb(width, k) for k in range(radius + 1))
+        cost = m * patterns * (1.0 + n / 2.0**width)
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+class _BandTable:
+    """Rows grouped by band value: ``order`` sorts the rows; ``bucket(q)`` gives (first position, size) per value.
+
+    Bands of up to 24 bits use a dense table (one gather per probe); wider bands a binary search.
+    """
+
+    def __init__(self, vals: np.ndarray, width: int):
+        self.order = np.argsort(vals, kind="stable")
+        if width <= 24:
+            counts = np.bincount(vals.astype(np.int64), minlength=1 << width)
+            self.starts, self.counts, self.sorted = np.cumsum(counts) - counts, counts, None
+        else:
+            self.sorted = vals[self.order]
+
+    def bucket(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.sorted is None:
+            idx = q.astype(np.int64)
+            return self.starts[idx], self.counts[idx]
+        lo = np.searchsorted(self.sorted, q, "left")
+        return lo, np.searchsorted(self.sorted, q, "right") - lo
+
+
+def _probe(h, vals, table: _BandTable, pattern: int, rows: np.ndarray, threshold: int) -> tuple[np.ndarray, int]:
+    """Verified pairs ``(min, max, d)`` whose band values differ by ``pattern``, probed from ``rows``.
+
+    Each unordered pair is probed once per pattern: from its member with the smaller band value (pattern != 0), or
+    from its smaller index (pattern 0, same bucket).
+    """
+    q = vals[rows] ^ np.uint64(pattern)  # (R,) band values of the partners
+    if pattern:
+        probe = q > vals[rows]
+        rows, q = rows[probe], q[probe]
+    lo, cnt = table.bucket(q)  # first sorted position and size of each partner bucket
+    ii = np.repeat(rows, cnt)
+    jj = table.order[np.repeat(lo, cnt) + np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)]
+    if not pattern:
+        ii, jj = ii[ii < jj], jj[ii < jj]
+    d = hamming(h[ii], h[jj])
+    ok = d <= threshold
+    return np.stack([np.minimum(ii, jj)[ok], np.maximum(ii, jj)[ok], d[ok]], axis=1), len(ii)
+
+
+def near_duplicate_pairs(
+    hashes: np.ndarray, threshold: int, n_bands: int | None = None, block: int = 1 << 16
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """All pairs ``i < j`` with ``hamming(h_i, h_j) <= threshold`` by multi-index hashing.
+
+    Args:
+        hashes: (n,) uint64.
+    Returns:
+        i, j, d: (P,) int64 arrays sorted by (j, d, i); stats (bands, radius, candidates checked).
+    """
+    h = np.asarray(hashes, dtype=np.uint64)
+    n = len(h)
+    m = n_bands or choose_bands(n, threshold)
+    bounds = np.linspace(0, 64, m + 1).astype(int)  # band b covers bits [bounds[b], bounds[b+1]) from the MSB
+    radius, found, candidates = threshold // m, [], 0
+    for b in range(m):
+        width = int(bounds[b + 1] - bounds[b])
+        vals = (h >> np.uint64(64 - bounds[b + 1])) & np.uint64((1 << width) - 1)  # (n,)
+        table = _BandTable(vals, width)
+        for p in _patterns(width, radius).tolist():
+            for start in range(0, n, block):
+                pairs, checked = _probe(h, vals, table, p, np.arange(start, min(start + block, n)), threshold)
+                found.append(pairs)
+                candidates += checked
+    pairs = np.unique(np.concatenate(found, axis=0), axis=0) if found else np.zeros((0, 3), dtype=np.int64)
+    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 2], pairs[:, 1]))]  # by j, then d, then i
+    stats = {"bands": m, "radius_per_band": radius, "candidates": candidates, "pairs": len(pairs)}
+    return pairs[:, 0], pairs[:, 1], pairs[:, 2], stats

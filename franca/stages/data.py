@@ -128,6 +128,9 @@ def run_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+_OPTIONAL_DEDUP_KEYS = ("verify_threshold", "eval_verify_threshold", "layout_threshold", "normalized_layout_threshold")
+
+
 def run_dedup(args: argparse.Namespace) -> int:
     from franca.data.datacard import write_datacard
     from franca.data.dedup import deduplicate
@@ -146,7 +149,7 @@ def run_dedup(args: argparse.Namespace) -> int:
             hamming_threshold=dd["hamming_threshold"],
             eval_hamming_threshold=dd["eval_hamming_threshold"],
             descriptor=dd.get("descriptor", "phash"),
-            **{k: dd[k] for k in ("verify_threshold", "eval_verify_threshold", "layout_threshold") if k in dd},
+            **{k: dd[k] for k in _OPTIONAL_DEDUP_KEYS if k in dd},
             train_split=train_split,
             eval_splits=sorted({split for _, split in eval_refs}),
         )

@@ -15,7 +15,15 @@ from PIL import Image
 from franca.data.datacard import write_datacard
 from franca.data.dedup import deduplicate, greedy_removal, near_duplicate_pairs
 from franca.data.manifest import image_record, make_manifest, write_parquet_atomic
-from franca.data.phash import hamming, phash_gray
+from franca.data.phash import (
+    PAIR_TESTS,
+    hamming,
+    layout_rms,
+    normalize_layout,
+    normalized_layout_rms,
+    pair_tests,
+    phash_gray,
+)
 from franca.data.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -144,6 +152,89 @@ def test_planted_duplicates_recall_precision_and_eval_copies(planted):
     assert min(recall.values()) >= 0.95, recall
     assert report["removed"]["exact_duplicate"] == 30 and report["removed"]["eval_exact"] == 12
     assert set(kept) >= {f"train_o{i:04d}" for i in range(300)}  # no original is lost
+
+
+def test_normalized_layout_rms_golden():
+    rng = np.random.default_rng(11)
+    a = rng.uniform(20, 230, (6, 48)).astype(np.float32)
+    gain, offset = rng.uniform(0.5, 1.5, (6, 1, 3)), rng.uniform(-20, 20, (6, 1, 3))
+    shifted = (a.reshape(6, 16, 3) * gain + offset).reshape(6, 48)  # any per-channel gain > 0 and offset
+    np.testing.assert_allclose(normalized_layout_rms(a, shifted), 0.0, atol=1e-5)
+    assert (layout_rms(a, shifted) > 5).all()
+    # independent reference: sqrt(mean over channels of 2 (1 - Pearson r)) of the 16 cells
+    b = rng.uniform(20, 230, (6, 48)).astype(np.float32)
+    ref = [
+        np.sqrt(
+            np.mean([2 * (1 - np.corrcoef(x.reshape(16, 3)[:, c], y.reshape(16, 3)[:, c])[0, 1]) for c in range(3)])
+        )
+        for x, y in zip(a, b, strict=True)
+    ]
+    np.testing.assert_allclose(normalized_layout_rms(a, b), ref, rtol=1e-5)
+    np.testing.assert_allclose(normalized_layout_rms(a, 255 - a), 2.0, rtol=1e-6)  # r = -1: inversion is no copy
+    flat = a.copy().reshape(6, 16, 3)
+    flat[0, :, 2] = 100 + np.arange(16) % 2 * 3  # channel std 1.5 < LAYOUT_MIN_STD: z-scores would be noise
+    flat = flat.reshape(6, 48)
+    dist = normalized_layout_rms(flat, flat)
+    assert np.isinf(dist[0]) and (dist[1:] == 0).all()
+    z, contrast = normalize_layout(flat)
+    assert contrast.tolist() == [False] + [True] * 5 and (z[0] == 0).all()
+    np.testing.assert_allclose(z[1:].reshape(5, 16, 3).std(axis=1), 1.0, rtol=1e-5)
+
+
+def test_pair_tests_first_test_that_accepts_wins():
+    rng = np.random.default_rng(12)
+    base = rng.uniform(40, 210, (6, 48)).astype(np.float32)
+    other = base.copy()
+    other[1] += 3.0  # raw 3: layout test
+    other[2] = (base[2].reshape(16, 3) * [1.1, 0.9, 1.05] + [10, -12, 5]).ravel()  # colour shift: raw > 8, norm 0
+    other[4] = rng.uniform(40, 210, 48)  # unrelated
+    d = np.array([3, 12, 12, 20, 12, 12])  # strict 5, loose 16; pair 3 is beyond loose; pair 5 an exact layout
+    test, raw, norm = pair_tests(d, 5, 16, (base, other), 8.0, 0.06)
+    assert [PAIR_TESTS[t] if t >= 0 else None for t in test] == [
+        "hamming", "layout", "normalized_layout", None, None, "layout"
+    ]  # fmt: skip
+    assert np.isnan(raw[[0, 3]]).all() and raw[1] == pytest.approx(3.0) and raw[2] > 8.0
+    assert np.isnan(norm[[0, 3]]).all() and np.abs(norm[[1, 2, 5]]).max() < 1e-5 and norm[4] > 0.5  # offsets: 0
+    test_off, _, norm_off = pair_tests(d, 5, 16, (base, other), 8.0, -1)
+    assert test_off.tolist() == [0, 1, -1, -1, -1, 1] and np.isnan(norm_off).all()
+    assert pair_tests(d, 5, 16, None, 8.0, 0.06)[0].tolist() == [0, -1, -1, -1, -1, -1]  # no layouts: pHash only
+
+
+def test_normalized_layout_rule_on_photo_like_images(planted, tmp_path):
+    """pHash only verifies (hamming thresholds off): the raw layout test misses colour shifts, the normalised one
+    finds them without a false pair."""
+    root, manifest, eval_manifest, groups, truth, _ = planted
+    scores = {}
+    for label, threshold in (("raw", -1.0), ("normalized", 0.06)):
+        out = tmp_path / label
+        report = deduplicate(
+            manifest, [eval_manifest], out, hamming_threshold=-1, eval_hamming_threshold=-1,
+            normalized_layout_threshold=threshold,
+        )  # fmt: skip
+        removed = pd.read_parquet(out / "removed.parquet")
+        kept = set((out / "kept.txt").read_text().split())
+        source = {f"eval_ds:val_{i:04d}": i for i in range(300, 380)} | groups  # any key -> source image index
+        correct = np.array(
+            [groups[k] == source[m] for k, m in zip(removed["key"], removed["matched_key"], strict=True)]
+        )
+        found = set(removed["key"][correct])
+        recall = {name: np.mean([k in found for k, t in truth if t == name]) for name in TRANSFORMS}
+        eval_kept = sorted(k for k in groups if k.startswith("train_e") and k in kept)
+        scores[label] = (recall, correct.mean(), eval_kept, removed, report)
+        logger.info("verify-only dedup, %s layout: recall %s precision %.3f eval copies kept %s", label, recall,
+                    correct.mean(), eval_kept)  # fmt: skip
+    recall, precision, eval_kept, removed, report = scores["normalized"]
+    assert min(recall.values()) >= 0.95 and precision >= 0.99 and eval_kept == [], scores["normalized"][:3]
+    assert scores["raw"][0]["colour"] < 0.8 and scores["raw"][2], scores["raw"][:3]  # the test is needed here
+    assert {k: recall[k] for k in TRANSFORMS if k != "colour"} == {k: scores["raw"][0][k] for k in TRANSFORMS[:-1]}
+    colour = removed[removed["key"].str.startswith(("train_pcolour", "train_ecolour"))]
+    by_test = colour.groupby("test").size().to_dict()
+    assert by_test.get("normalized_layout", 0) >= 30 and set(by_test) <= {"layout", "normalized_layout"}, by_test
+    norm = removed.loc[removed["test"] == "normalized_layout", "layout"]
+    assert (norm <= 0.06).all() and (removed.loc[removed["test"] == "layout", "layout"] <= 8.0).all()
+    assert removed.loc[removed["test"] == "sha256", "reason"].isin(["exact_duplicate", "eval_exact"]).all()
+    assert report["removed_by_test"] == removed.groupby("test").size().to_dict()
+    assert report["thresholds"]["normalized_layout_rms"] == 0.06
 
 
 def test_embedding_descriptor_path(planted, tmp_path):
