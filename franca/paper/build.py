@@ -294,11 +294,13 @@ def build_paper(
     data_dir: Path | None = None,
     mask_draws: int = 4000,
     pca_images: int = 4,
+    dense_dataset: str | None = None,
 ) -> dict:
     """Aggregate ``results_dir`` into ``out_dir``; returns a summary (written files, inputs with sha256, notes).
 
     ``experiments``: ``{name: {seeds, highres, rasa}}`` as in ``config.yaml``; ``data_dir`` defaults to
-    ``results_dir/../data`` (for the dedup report).
+    ``results_dir/../data`` (for the dedup report); ``dense_dataset``: ``data.dense.dataset`` of the run (the
+    reference table compares dense metrics on the dataset they were published on only).
     """
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     specs = parse_experiments(experiments)
@@ -314,7 +316,7 @@ def build_paper(
         main_table(specs, lookup),
         ablation_table(specs, lookup),
         rasa_table(specs, rasa_frame := collect_rasa(results_dir, specs, sources)),
-        reference_table(preset, reference, ref_key, specs, lookup),
+        reference_table(preset, reference, ref_key, specs, lookup, dense_dataset),
     ]
     for table in tables:
         atomic_write_text(out_dir / f"{table.name}.csv", to_frame(table).to_csv(index=False))

@@ -309,8 +309,13 @@ def reference_table(
     reference_key: str | None,
     specs: Sequence[ExperimentSpec],
     lookup: EvalLookup,
+    dense_dataset: str | None = None,
 ) -> Table:
-    """Ours beside the published README numbers (spec 8.1) for a paper preset; else the list of paper presets."""
+    """Ours beside the published README numbers (spec 8.1) for a paper preset; else the list of paper presets.
+
+    A dense row compares only on the dataset it was published on (Hummingbird: VOC, linear seg.: ADE20K):
+    ``dense_dataset`` is this run's ``data.dense.dataset``; on another dataset our cell stays empty, with a note.
+    """
     presets = dict((reference or {}).get("presets", {}))
     if preset not in presets:
         table = Table(
@@ -343,12 +348,18 @@ def reference_table(
         columns,
     )
     rows = (
-        (KNN_TOP1, "knn_v1", "knn_later"),
-        (LINEAR_TOP1, "linear_v1", "linear_later"),
-        (HUMMINGBIRD, "hummingbird_voc", "hummingbird_voc"),
-        (LINSEG, "linseg_ade20k", "linseg_ade20k"),
+        (KNN_TOP1, "knn_v1", "knn_later", None),
+        (LINEAR_TOP1, "linear_v1", "linear_later", None),
+        (HUMMINGBIRD, "hummingbird_voc", "hummingbird_voc", "voc"),
+        (LINSEG, "linseg_ade20k", "linseg_ade20k", "ade20k"),
     )
-    for col, v1, later in rows:
+    for col, v1, later, published_on in rows:
+        other_data = published_on is not None and (dense_dataset or "").lower() != published_on
+        if other_data:
+            note = f"published on {published_on}; this run's dense evaluations use {dense_dataset!r}"
+            refs = [Cell.of("ref", [entry[k]], [reference_key] if reference_key else []) for k in (v1, later)]
+            table.add([col.label], [Cell(), *refs, Cell("delta-pct")], note)
+            continue
         ours, missing = lookup.cell(col, "franca", franca.seeds, ckpt, False) if franca else (Cell(), [])
         refs = [
             Cell.of("ref", [entry[k]], [reference_key] if reference_key else []) if k in entry else Cell("ref")

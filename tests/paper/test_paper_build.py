@@ -127,6 +127,27 @@ def test_reference_table_for_paper_preset(fake_tree):
     assert knn["delta_later"].mean == pytest.approx(ours - 77.4)
 
 
+def test_reference_dense_rows_compare_on_the_published_dataset(fake_tree):
+    """Linear segmentation is published on ADE20K: a run whose dense evaluations use VOC leaves our cell empty."""
+    import yaml
+
+    specs = parse_experiments(EXPERIMENTS)
+    lookup = EvalLookup(collect_evals(fake_tree, specs, SourceIndex(fake_tree.parent)))
+    ref = yaml.safe_load(REFERENCE.read_text())
+    rows = {}
+    for dataset in ("voc", "ade20k"):
+        table = reference_table("paper_vitb14_in21k", ref, "ref.yaml", specs, lookup, dense_dataset=dataset)
+        rows[dataset] = {labels[0]: (cells, note) for labels, cells, note in table.rows}
+    hb, linseg = "Hummingbird mIoU", "linear-seg mIoU"
+    assert hb in rows["voc"], sorted(rows["voc"])
+    (voc_hb, _), (voc_ls, voc_note) = rows["voc"][hb], rows["voc"][linseg]
+    assert voc_hb[0].mean is not None and voc_ls[0].mean is None and voc_ls[3].mean is None
+    assert "published on ade20k" in voc_note and voc_ls[2].mean == 39.1  # the reference itself stays visible
+    (ade_hb, ade_note), (ade_ls, _) = rows["ade20k"][hb], rows["ade20k"][linseg]
+    assert ade_hb[0].mean is None and "published on voc" in ade_note
+    assert ade_ls[0].mean is not None and ade_ls[3].mean == pytest.approx(ade_ls[0].mean - 39.1)
+
+
 def _md_rows(text: str) -> list[list[str]]:
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:]]
