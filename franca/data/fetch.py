@@ -74,15 +74,24 @@ class _Failure(Exception):
         self.reason, self.http_status = reason, http_status
 
 
+_TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
+
+
 def read_url_table(path: str | Path, url_col: str = "url") -> pd.DataFrame:
-    """Read a parquet or CSV URL table; raises ValueError naming the file when ``url_col`` is missing."""
+    """Read a parquet/CSV/TSV URL table, or a folder of them (LAION's ``part-*.parquet``: concatenated in file-name
+    order, so the sample keys stay stable); raises ValueError naming the file when ``url_col`` is missing."""
     path = Path(path)
+    if path.is_dir():
+        parts = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TABLE_SUFFIXES)
+        if not parts:
+            raise ValueError(f"URL table folder {path} holds no .parquet, .csv or .tsv file")
+        return pd.concat([read_url_table(p, url_col) for p in parts], ignore_index=True)
     if path.suffix.lower() == ".parquet":
         table = pd.read_parquet(path)
     elif path.suffix.lower() in (".csv", ".tsv"):
         table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", keep_default_na=False)
     else:
-        raise ValueError(f"URL table {path}: expected .parquet, .csv or .tsv")
+        raise ValueError(f"URL table {path}: expected .parquet, .csv or .tsv (or a folder of them)")
     if url_col not in table.columns:
         raise ValueError(f"URL table {path} has no column {url_col!r} (columns: {list(table.columns)})")
     return table.reset_index(drop=True)

@@ -153,3 +153,24 @@ def test_canonicalise_fetched_shards(image_server, served_images, tmp_path):
     again = canonicalise({"train": [tmp_path / "raw"]}, tmp_path / "ds")
     assert again["shards_resumed"] == again["shards"] == 3
     pd.testing.assert_frame_equal(read_manifest(tmp_path / "ds" / "manifest.parquet"), manifest)
+
+
+def test_url_table_folder_reads_parts_in_name_order(tmp_path):
+    """LAION distributes a folder of part-*.parquet files: read in file-name order (stable keys), mixed formats."""
+    from franca.data.fetch import read_url_table
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pd.DataFrame({"url": ["http://127.0.0.1/b1", "http://127.0.0.1/b2"]}).to_parquet(parts / "part-00001.parquet")
+    pd.DataFrame({"url": ["http://127.0.0.1/a1"], "caption": ["x"]}).to_csv(parts / "part-00000.csv", index=False)
+    (parts / "README.txt").write_text("not a table")
+    table = read_url_table(parts)
+    assert table["url"].tolist() == ["http://127.0.0.1/a1", "http://127.0.0.1/b1", "http://127.0.0.1/b2"]
+    assert table.index.tolist() == [0, 1, 2]
+    pd.DataFrame({"link": ["http://127.0.0.1/c"]}).to_parquet(parts / "part-00002.parquet")
+    with pytest.raises(ValueError, match=r"part-00002\.parquet has no column 'url'"):
+        read_url_table(parts)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no .parquet"):
+        read_url_table(empty)
