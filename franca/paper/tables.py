@@ -167,7 +167,7 @@ class EvalLookup:
         values, sources, missing = [], [], []
         for seed in seeds:
             found = self.files.get((exp, seed, ckpt, col.benchmark, rasa))
-            value = col.pick(found[0], self.details.get(found[1], {})) if found else None
+            value = col.pick(_rasa_view(found[0], rasa), self.details.get(found[1], {})) if found else None
             if value is None:
                 missing.append(seed)
                 continue
@@ -175,6 +175,14 @@ class EvalLookup:
             values.append(value * scale)
             sources.append(found[1])
         return Cell.of(col.kind, values, sources), missing
+
+
+def _rasa_view(metrics: Mapping[str, float], rasa: bool) -> Mapping[str, float]:
+    """The metrics of a RASA eval under their plain names: a ``<name>_rasa`` value replaces ``<name>`` (the position
+    probe's RASA JSON holds both, e.g. ``r2`` without and ``r2_rasa`` with the head)."""
+    if not rasa:
+        return metrics
+    return {**metrics, **{k.removesuffix("_rasa"): v for k, v in metrics.items() if k.endswith("_rasa")}}
 
 
 def _missing_note(col: MetricColumn, missing: Sequence[int], rasa: bool = False) -> str:

@@ -91,6 +91,8 @@ def write_fake_tree(root: Path) -> Path:
                         continue
                     for rasa in (False, True) if (bench in DENSE and entry["rasa"]) else (False,):
                         values = {m: metric_value(exp, seed, ckpt, bench, m, rasa) for m in metrics}
+                        if bench == "position_probe" and rasa:  # as franca.eval.position_probe writes it
+                            values = {"r2": metric_value(exp, seed, ckpt, bench, "r2"), "r2_rasa": values["r2"]}
                         details = {"n_classes": N_CLASSES} if bench == "overcluster" else {}
                         _write_json(
                             folder / f"{bench}{'_rasa' if rasa else ''}.json",
