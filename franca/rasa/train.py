@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ from franca.rasa.report import round_report
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RASATrainConfig", "train_rasa_round", "train_rasa", "closed_form_rasa"]
+__all__ = ["RASATrainConfig", "train_rasa_round", "train_rasa", "train_rasa_from_config", "closed_form_rasa"]
 
 
 @dataclass
@@ -140,6 +141,19 @@ def train_rasa(
             report["cos_x_no_pos_x"],
         )
     return head, reports
+
+
+_CONFIG_KEYS = ("rounds", "epochs", "batch_size", "lr", "seed", "weight_decay", "use_pos_pred", "orthogonalize")
+
+
+def train_rasa_from_config(
+    patch_tokens: torch.Tensor, rasa_cfg: Mapping, eval_tokens: torch.Tensor | None = None
+) -> tuple[RASAHead, list[dict]]:
+    """:func:`train_rasa` with the keys of a ``rasa`` config section (config/rasa/*.yaml), as the rasa stage runs it."""
+    missing = [k for k in _CONFIG_KEYS if k not in rasa_cfg]
+    if missing:
+        raise KeyError(f"rasa config is missing the key(s) {missing} (config/rasa/)")
+    return train_rasa(patch_tokens, eval_tokens=eval_tokens, **{k: rasa_cfg[k] for k in _CONFIG_KEYS})
 
 
 def closed_form_rasa(

@@ -119,7 +119,7 @@ def _load(path: str) -> dict:
 
 def run_rasa(args: argparse.Namespace) -> int:
     from franca import config as fc
-    from franca.rasa.train import train_rasa
+    from franca.rasa.train import train_rasa_from_config
 
     set_threads(args)
     sc = fc.stage_config(full_config(args), "rasa")
@@ -128,18 +128,7 @@ def run_rasa(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rasa = sc["rasa"]
     with job("rasa", args, sc, out, [args.features, args.checkpoint], {"checkpoint": args.checkpoint}) as current:
-        head, rounds = train_rasa(
-            tokens["train"],
-            rounds=rasa["rounds"],
-            epochs=rasa["epochs"],
-            batch_size=rasa["batch_size"],
-            lr=rasa["lr"],
-            seed=rasa["seed"],
-            weight_decay=rasa["weight_decay"],
-            use_pos_pred=rasa["use_pos_pred"],
-            eval_tokens=tokens["val"],
-            orthogonalize=rasa["orthogonalize"],
-        )
+        head, rounds = train_rasa_from_config(tokens["train"], rasa, eval_tokens=tokens["val"])
         head.save(out / "rasa_head.pt", checkpoint=str(args.checkpoint))
         (out / "report.json").write_text(json.dumps(rounds, indent=1))
         for i, row in enumerate(rounds):

@@ -39,7 +39,7 @@ from franca.data.synthetic import generate
 from franca.eval.features import extract_cls_features, extract_patch_features
 from franca.eval.knn import knn_classify
 from franca.eval.position_probe import evaluate_position_probe
-from franca.rasa.train import train_rasa
+from franca.rasa.train import train_rasa_from_config
 from franca.train.checkpoint import load_backbone
 from franca.train.loop import train
 from franca.train.ssl_meta_arch import SSLMetaArch
@@ -150,18 +150,7 @@ def test_rasa_debiases_the_trained_teacher(trained):
     x_train = _dense_tokens(backbone, trained["shards"], "train", ev["max_dense_train_images"], size)
     x_val = _dense_tokens(backbone, trained["shards"], "val", ev["max_eval_images"], size)
 
-    head, reports = train_rasa(
-        x_train,
-        rounds=rasa["rounds"],
-        epochs=rasa["epochs"],
-        batch_size=rasa["batch_size"],
-        lr=rasa["lr"],
-        seed=rasa["seed"],
-        weight_decay=rasa["weight_decay"],
-        use_pos_pred=rasa["use_pos_pred"],
-        eval_tokens=x_val,
-        orthogonalize=rasa["orthogonalize"],
-    )
+    head, reports = train_rasa_from_config(x_train, rasa, eval_tokens=x_val)
     probe = evaluate_position_probe(x_train, x_val, rasa_head=head)["metrics"]  # fitted on train, scored on val
     with torch.no_grad():
         cos = float(F.cosine_similarity(head(x_val), x_val, dim=-1).mean())
