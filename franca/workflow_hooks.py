@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from franca import provenance, tracking
 
 log = logging.getLogger(__name__)
+_SERVER: dict = {}  # the local tracking server of this invocation (franca.tracking_server)
 
 
 def onstart(config: Mapping) -> None:
@@ -34,9 +36,39 @@ def onstart(config: Mapping) -> None:
         Path(".snakemake").mkdir(exist_ok=True)
         Path(".snakemake/franca_parent_run").write_text(run_id + "\n")
         log.info("MLflow parent run %s in %s", run_id, os.environ.get(tracking.ENV_URI, tracking.DEFAULT_URI))
+        start_tracking_server(config)  # after the parent run: the store exists, so server and jobs never create it
+
+
+def start_tracking_server(config: Mapping) -> None:
+    """With a local sqlite store and ``tracking_server: local``, serve it so that jobs on this host log over REST.
+
+    Jobs check the server's health and fall back to the store itself while it starts (or on another host).
+    """
+    uri = os.environ.get(tracking.ENV_URI, tracking.DEFAULT_URI)
+    if config.get("tracking_server", "local") != "local" or not uri.startswith("sqlite:///"):
+        return
+    from franca import tracking_server
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    artifacts = Path(os.environ.get("FRANCA_ARTIFACT_ROOT", "mlartifacts"))
+    proc, url = tracking_server.start(db, artifacts, Path("logs/mlflow-server.log"))
+    _SERVER["proc"] = proc
+    os.environ[tracking.ENV_SERVER] = url
+    os.environ[tracking.ENV_SERVER_HOST] = socket.gethostname()
+    log.info("MLflow tracking server %s (log: logs/mlflow-server.log)", url)
+
+
+def stop_tracking_server() -> None:
+    proc = _SERVER.pop("proc", None)
+    os.environ.pop(tracking.ENV_SERVER, None)
+    if proc is not None:
+        from franca import tracking_server
+
+        tracking_server.stop(proc)
 
 
 def onsuccess(config: Mapping) -> None:
+    stop_tracking_server()
     tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FINISHED")
     if config.get("dvc", {}).get("commit_on_success", True) and Path("dvc.yaml").exists() and Path(".dvc").is_dir():
         dvc_commit()
@@ -45,6 +77,7 @@ def onsuccess(config: Mapping) -> None:
 
 
 def onerror(config: Mapping) -> None:
+    stop_tracking_server()
     tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FAILED")
 
 
