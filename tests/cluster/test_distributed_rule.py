@@ -114,6 +114,10 @@ class MergedRankPipeline:
         self._restore(outer)
         return concatenate_rank_batches(batches)
 
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.close()
+
 
 def _reference_main(argv: list[str]) -> int:
     """``python test_distributed_rule.py N_RANKS <franca args>``: `franca <args>` with the merged pipeline."""
