@@ -43,8 +43,11 @@ def start(db: Path, artifacts: Path, log_file: Path) -> tuple[subprocess.Popen, 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "franca.tracking_server", "--parent-pid", str(os.getpid()), "--"]
     cmd += server_command(db, artifacts, port)
+    # no job runner: MLflow 3 otherwise starts 8 more processes (huey consumers, ~5 s of CPU each to import mlflow)
+    # for server-side GenAI jobs that tracking does not use
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with log_file.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     return proc, f"http://127.0.0.1:{port}"
 
 
