@@ -12,11 +12,8 @@ backbone applies it (``forward_features(x, rasa_head=...)["patch_token_rasa"]``)
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 
 from torch import nn
 
@@ -28,6 +25,7 @@ from franca.eval.linseg import linseg_eval
 from franca.eval.logreg import logreg_eval
 from franca.eval.overcluster import overcluster_eval
 from franca.eval.position_probe import evaluate_position_probe
+from franca.eval.result import write_eval_json
 
 logger = logging.getLogger(__name__)
 
@@ -138,28 +136,3 @@ def run_benchmark(
     if rasa_head is not None and name not in DENSE_BENCHMARKS:
         logger.warning("%s uses the CLS token; the RASA head (patch tokens only) has no effect", name)
     return BENCHMARKS[name](backbone, splits, cfg, rasa_head)
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def write_eval_json(path: str | Path, benchmark: str, checkpoint: str | Path, rasa: bool, result: Mapping) -> dict:
-    """Write ``{"benchmark", "checkpoint", "rasa", "metrics", "details"}`` (NaN -> null) and return it."""
-    payload = {
-        "benchmark": benchmark,
-        "checkpoint": str(checkpoint),
-        "rasa": bool(rasa),
-        "metrics": {k: float(v) for k, v in result["metrics"].items()},
-        "details": result.get("details", {}),
-    }
-    payload = _finite(payload)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True))
-    return payload

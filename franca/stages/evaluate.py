@@ -138,26 +138,30 @@ def run_rasa(args: argparse.Namespace) -> int:
 
 
 def evaluate(bench: str, feats: dict, cfg: dict, rasa_head=None) -> dict:
-    """Run one benchmark on cached features -> {"metrics", "details"}."""
-    from franca.eval import hummingbird, knn, linear, linseg, logreg, overcluster, position_probe
+    """Run one benchmark on cached features -> {"metrics", "details"}. Imports only that benchmark's module (the
+    dense-only RASA jobs then never import sklearn, ~3 s of CPU)."""
+    import importlib
 
+    if bench not in BENCH_FUNCS:
+        raise ValueError(f"unknown benchmark {bench!r} (one of {sorted(BENCH_FUNCS)})")
+    module = importlib.import_module(f"franca.eval.{bench}")
     kw = dict(cfg.get(bench) or {})
     lin, dense, n_cls = feats["linear"], feats["dense"], feats["num_classes"]
     if bench in ("knn", "logreg"):
         tr, va = lin["train"], lin["val"]  # last block's normalised CLS = x_norm_clstoken
-        fn = knn.knn_classify if bench == "knn" else logreg.logreg_eval
+        fn = module.knn_classify if bench == "knn" else module.logreg_eval
         return fn(tr["cls_tokens"][:, -1], tr["labels"], va["cls_tokens"][:, -1], va["labels"], **kw)
     if bench == "linear":
-        return linear.linear_probe(lin["train"], lin["val"], lin["test"], **kw)
+        return module.linear_probe(lin["train"], lin["val"], lin["test"], **kw)
     head = rasa_head or (lambda x: x)
     tr, va = (head(dense[s]["patch_tokens"]) for s in ("train", "val"))
     if bench == "position_probe":
-        return position_probe.evaluate_position_probe(
+        return module.evaluate_position_probe(
             dense["train"]["patch_tokens"], dense["val"]["patch_tokens"], rasa_head=rasa_head, **kw
         )
     if bench == "overcluster":
-        return overcluster.overcluster_eval(va, dense["val"]["segs"], n_cls, **kw)
-    fn = hummingbird.hummingbird_eval if bench == "hummingbird" else linseg.linseg_eval
+        return module.overcluster_eval(va, dense["val"]["segs"], n_cls, **kw)
+    fn = module.hummingbird_eval if bench == "hummingbird" else module.linseg_eval
     return fn(tr, dense["train"]["segs"], va, dense["val"]["segs"], n_cls, **kw)
 
 
@@ -165,7 +169,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """All requested benchmarks of one checkpoint in one job (one process start instead of one per benchmark);
     each benchmark still writes its own JSON with its own provenance record."""
     from franca import config as fc
-    from franca.eval.run import write_eval_json
+    from franca.eval.result import write_eval_json
     from franca.rasa.rasa_head import RASAHead
 
     set_threads(args)
