@@ -42,7 +42,7 @@ def _client():
     if server and os.environ.get(ENV_SERVER_HOST) == socket.gethostname():
         from franca.tracking_rest import RestClient, healthy
 
-        if healthy(server):
+        if healthy(server, timeout=5.0):  # a busy single-worker server can take seconds to answer
             return RestClient(server)
     return _MlflowClient(os.environ.get(ENV_URI, DEFAULT_URI))
 

@@ -72,7 +72,9 @@ def test_parent_and_parallel_children(store, via):
             tracking_server.stop(server)
     assert all(p.returncode == 0 for p in procs), "a parallel writer failed (database lock?)"
     if via == "server":  # the children wrote through the server, not by importing mlflow
-        assert (store / "server.log").read_text().count("/api/2.0/mlflow/runs/log-batch") >= 4 * 3
+        log = (store / "server.log").read_text()
+        assert log.count("POST /api/2.0/mlflow/runs/create") == 4, log[-3000:]  # one run per child
+        assert log.count("POST /api/2.0/mlflow/runs/log-batch") >= 4 * 3, log[-3000:]  # params, metrics, tags
         assert server.poll() is not None and not healthy(url)
     tracking.close_parent_run(parent)
     client = _mlflow(store)
