@@ -72,14 +72,16 @@ class _MlflowClient:
     def log_batch(self, run_id: str, params=(), metrics=(), tags=()) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        params = [Param(k, v) for k, v in params]
-        for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            self._mlflow.log_batch(run_id, params=params[start : start + 100])
-        metrics = [Metric(k, v, t, s) for k, v, t, s in metrics]
-        for start in range(0, len(metrics), 1000):
-            self._mlflow.log_batch(run_id, metrics=metrics[start : start + 1000])
-        if tags:
-            self._mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags])
+        from franca.tracking_rest import BATCH_LIMITS
+
+        items = {
+            "params": [Param(k, v) for k, v in params],
+            "metrics": [Metric(k, v, t, s) for k, v, t, s in metrics],
+            "tags": [RunTag(k, v) for k, v in tags],
+        }
+        for kind, rows in items.items():
+            for start in range(0, len(rows), BATCH_LIMITS[kind]):
+                self._mlflow.log_batch(run_id, **{kind: rows[start : start + BATCH_LIMITS[kind]]})
 
     def log_artifact(self, run_id: str, artifact_uri: str, path: str | Path) -> None:
         self._mlflow.log_artifact(run_id, str(path))
@@ -103,8 +105,12 @@ def _retry(fn: Callable, *args, attempts: int = 30, **kwargs):
 
 def _experiment_id(client) -> str:
     name = os.environ.get(ENV_EXPERIMENT, DEFAULT_EXPERIMENT)
-    artifacts = Path(os.environ.get("FRANCA_ARTIFACT_ROOT", "mlartifacts")).resolve().as_uri()
-    return _retry(client.experiment_id, name, artifacts)
+    return _retry(client.experiment_id, name, artifact_root().resolve().as_uri())
+
+
+def artifact_root() -> Path:
+    """Where runs store their artifacts: ``FRANCA_ARTIFACT_ROOT``, default ``mlartifacts`` (relative to the cwd)."""
+    return Path(os.environ.get("FRANCA_ARTIFACT_ROOT", "mlartifacts"))
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote, urlparse
 import httpx
 
 API = "/api/2.0/mlflow"
-_BATCH = {"params": 100, "tags": 100, "metrics": 1000}  # MLflow's per-request limits of runs/log-batch
+BATCH_LIMITS = {"params": 100, "tags": 100, "metrics": 1000}  # MLflow's per-request limits of runs/log-batch
 
 
 class RestError(RuntimeError):
@@ -78,8 +78,8 @@ class RestClient:
             "tags": [{"key": k, "value": v} for k, v in tags],
         }
         for kind, rows in items.items():
-            for start in range(0, len(rows), _BATCH[kind]):
-                body = {"run_id": run_id, kind: rows[start : start + _BATCH[kind]]}
+            for start in range(0, len(rows), BATCH_LIMITS[kind]):
+                body = {"run_id": run_id, kind: rows[start : start + BATCH_LIMITS[kind]]}
                 self._call("POST", f"{API}/runs/log-batch", json=body)
 
     def log_artifact(self, run_id: str, artifact_uri: str, path: str | Path) -> None:

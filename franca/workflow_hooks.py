@@ -50,8 +50,7 @@ def start_tracking_server(config: Mapping) -> None:
     from franca import tracking_server
 
     db = Path(uri.removeprefix("sqlite:///"))
-    artifacts = Path(os.environ.get("FRANCA_ARTIFACT_ROOT", "mlartifacts"))
-    proc, url = tracking_server.start(db, artifacts, Path("logs/mlflow-server.log"))
+    proc, url = tracking_server.start(db, tracking.artifact_root(), Path("logs/mlflow-server.log"))
     _SERVER["proc"] = proc
     os.environ[tracking.ENV_SERVER] = url
     os.environ[tracking.ENV_SERVER_HOST] = socket.gethostname()
