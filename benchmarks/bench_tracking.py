@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 JOB = """
@@ -54,15 +53,14 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=5)
     args = ap.parse_args()
     from franca import tracking, tracking_server
-    from franca.tracking_rest import healthy
 
     store = Path(tempfile.mkdtemp(prefix="bench_tracking_"))
     env = {**os.environ, tracking.ENV_URI: f"sqlite:///{store}/mlflow.db", tracking.ENV_EXPERIMENT: "bench"}
     env.pop(tracking.ENV_OFF, None)
     _job_cpu(env, store)  # creates the store (as the workflow's parent run does before the server starts)
     proc, url = tracking_server.start(store / "mlflow.db", store / "mlartifacts", store / "server.log")
-    while not healthy(url):
-        time.sleep(0.5)
+    if not tracking_server.wait_until_healthy(proc, url):
+        raise RuntimeError(f"tracking server did not start: {store / 'server.log'}")
     startup_cpu = _session_cpu(proc.pid)
     server_env = {**env, tracking.ENV_SERVER: url, tracking.ENV_SERVER_HOST: socket.gethostname()}
     direct, rest = [], []

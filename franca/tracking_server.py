@@ -51,6 +51,18 @@ def start(db: Path, artifacts: Path, log_file: Path) -> tuple[subprocess.Popen, 
     return proc, f"http://127.0.0.1:{port}"
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> bool:
+    """Poll the server's ``/health`` until it answers (True), it exits or ``timeout`` passes (False)."""
+    from franca.tracking_rest import healthy
+
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if healthy(url):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """Terminate the watchdog's whole session (watchdog and server)."""
     if proc.poll() is not None:

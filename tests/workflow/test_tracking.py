@@ -46,10 +46,7 @@ def _mlflow(store) -> MlflowClient:
 
 def _start_server(store):
     proc, url = tracking_server.start(store / "mlflow.db", store / "mlartifacts", store / "server.log")
-    deadline = time.time() + 120
-    while not healthy(url):
-        assert proc.poll() is None and time.time() < deadline, (store / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
+    assert tracking_server.wait_until_healthy(proc, url), (store / "server.log").read_text()[-3000:]
     return proc, url
 
 
@@ -96,15 +93,11 @@ def test_server_stops_when_the_workflow_dies(store):
     """The watchdog stops `mlflow server` (its whole process group) once the process that started it is gone."""
     starter = textwrap.dedent(
         """
-        import os, time
+        import os
         from pathlib import Path
         from franca import tracking_server
-        from franca.tracking_rest import healthy
         proc, url = tracking_server.start(Path("mlflow.db"), Path("mlartifacts"), Path("server.log"))
-        deadline = time.time() + 120
-        while not healthy(url) and time.time() < deadline:
-            time.sleep(0.5)
-        print(proc.pid, url, healthy(url), flush=True)
+        print(proc.pid, url, tracking_server.wait_until_healthy(proc, url), flush=True)
         os._exit(0)  # as if killed: no stop()
         """
     )
