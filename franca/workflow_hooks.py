@@ -18,9 +18,12 @@ from franca import provenance, tracking
 
 log = logging.getLogger(__name__)
 _SERVER: dict = {}  # the local tracking server of this invocation (franca.tracking_server)
+_FORK: dict = {}  # the fork server of this invocation (franca.forkserver)
 
 
-def onstart(config: Mapping) -> None:
+def onstart(config: Mapping, local_exec: bool = True) -> None:
+    if local_exec and config.get("fork_server", True):
+        start_fork_server()
     code = provenance.code_version()
     tags = {
         "run_name": f"workflow-{config['preset']}",
@@ -57,6 +60,26 @@ def start_tracking_server(config: Mapping) -> None:
     log.info("MLflow tracking server %s (log: logs/mlflow-server.log)", url)
 
 
+def start_fork_server() -> None:
+    """Serve warm `franca` processes to the jobs of this host (franca.forkserver); first, as it imports for ~6 s."""
+    from franca import forkserver
+
+    proc, path = forkserver.start(Path("logs/forkserver.log"))
+    _FORK.update(proc=proc, path=path)
+    os.environ[forkserver.ENV_SOCKET] = path
+    os.environ[forkserver.ENV_HOST] = socket.gethostname()
+    log.info("fork server %s (log: logs/forkserver.log)", path)
+
+
+def stop_servers() -> None:
+    stop_tracking_server()
+    if _FORK:
+        from franca import forkserver
+
+        os.environ.pop(forkserver.ENV_SOCKET, None)
+        forkserver.stop(_FORK.pop("proc"), _FORK.pop("path"))
+
+
 def stop_tracking_server() -> None:
     proc = _SERVER.pop("proc", None)
     os.environ.pop(tracking.ENV_SERVER, None)
@@ -67,7 +90,7 @@ def stop_tracking_server() -> None:
 
 
 def onsuccess(config: Mapping) -> None:
-    stop_tracking_server()
+    stop_servers()
     tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FINISHED")
     if config.get("dvc", {}).get("commit_on_success", True) and Path("dvc.yaml").exists() and Path(".dvc").is_dir():
         dvc_commit()
@@ -76,7 +99,7 @@ def onsuccess(config: Mapping) -> None:
 
 
 def onerror(config: Mapping) -> None:
-    stop_tracking_server()
+    stop_servers()
     tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FAILED")
 
 

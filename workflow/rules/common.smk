@@ -95,7 +95,7 @@ HIGHRES_LAUNCH = train_launcher("highres")
 
 
 def workflow_onstart():
-    hooks.onstart(config)
+    hooks.onstart(config, local_exec=workflow.local_exec)
 
 
 def workflow_onsuccess():
