@@ -117,7 +117,7 @@ def _exec_child(request: dict, fds: list[int], inherited: list[int]) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
         os.setsid()  # own process group: the server kills it as a whole (DataLoader workers included)
-        for target, fd in zip((0, 1, 2), fds):
+        for target, fd in zip((0, 1, 2), fds, strict=True):
             os.dup2(fd, target)
             os.close(fd)
         _fresh_interpreter_state(request)

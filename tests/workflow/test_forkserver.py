@@ -138,10 +138,10 @@ def test_in_process_without_server_or_inside_slurm(server, tmp_path):
 def test_killed_caller_kills_its_child(data, server):
     """Snakemake cancels a job by killing its process: the forked child and its workers stop too."""
     out = "results/pretrain/killed"
+    cmd = ["franca", "pretrain", "--stage-index", "1", "--out", out, *config_args(optim__iterations=500)]
     proc = subprocess.Popen(
-        ["franca", "pretrain", "--stage-index", "1", "--out", out, *config_args(optim__iterations=500), "--threads", "1"],
-        cwd=data, env=env_for(server["path"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cmd, cwd=data, env=env_for(server["path"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     child = _wait_for_child(server["log"], out)
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
