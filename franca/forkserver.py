@@ -237,7 +237,7 @@ class Server:
     def _reap(self) -> None:
         while self.children:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -252,7 +252,10 @@ class Server:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(conn)
             conn.close()
-            log.info("pid %d: exit %d", pid, code)
+            log.info(
+                "pid %d: exit %d (cpu user %.1f s, sys %.1f s; max rss %d MB; page faults %d minor, %d major)",
+                pid, code, usage.ru_utime, usage.ru_stime, usage.ru_maxrss // 1024, usage.ru_minflt, usage.ru_majflt,
+            )  # fmt: skip
 
     def close(self) -> None:
         for pid in list(self.children):
