@@ -34,11 +34,19 @@ def full_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def set_threads(args: argparse.Namespace) -> None:
+    """One thread budget for every pool of the job: torch's and the OpenMP / BLAS pools of numpy, scipy, sklearn
+    and faiss, so that jobs sharing the cores do not oversubscribe them (OpenMP workers spin while they wait)."""
     if args.threads:
+        os.environ.update({var: str(args.threads) for var in _THREAD_ENV})  # libraries loaded from now on
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)  # libraries already loaded (numpy's OpenBLAS, faiss's OpenMP, ...)
 
 
 @dataclass

@@ -5,7 +5,13 @@ import pytest
 import torch
 from eval_synth import binomial_bound, random_features, separable
 
-from franca.eval.linear import LINEAR_LRS, create_linear_input, linear_probe
+from franca.eval.linear import (
+    LINEAR_LRS,
+    create_linear_input,
+    evaluate_linear_grid,
+    linear_probe,
+    train_linear_grid,
+)
 from franca.eval.logreg import c_grid, logreg_eval
 
 
@@ -44,6 +50,27 @@ def test_random_features_hold_out_selection_stays_at_chance():
     assert abs(m["top1_holdout_selected"] - 0.25) < binomial_bound(600, 0.25), m
     assert m["top1"] >= m["top1_holdout_selected"]  # selecting on val can only look better on val
     assert m["top1"] < 0.25 + binomial_bound(600, 0.25) + 0.05  # max of 12 correlated cells: a small optimism
+
+
+def test_batched_grid_equals_the_reference_loop():
+    """The stacked fast path trains the same 52 classifiers as one nn.Linear + SGD per cell, to float32 rounding."""
+    torch.set_num_threads(1)
+    x, y = random_features(300, 5, seed=3)
+    x = x + 0.5 * torch.nn.functional.one_hot(y, 5).float().repeat(1, x.shape[1] // 5 + 1)[:, : x.shape[1]]
+    feats = _linear_feats(x, y, blocks=4)
+    cells = [(n, a, lr) for n in (1, 4) for a in (False, True) for lr in LINEAR_LRS]
+    fast = train_linear_grid(feats, cells, 5, epochs=3, batch_size=64, seed=7)
+    slow = train_linear_grid(feats, cells, 5, epochs=3, batch_size=64, seed=7, batched=False)
+    assert fast.keys() == slow.keys() and len(fast) == 52
+    for name in fast:
+        torch.testing.assert_close(fast[name].weight, slow[name].weight, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(fast[name].bias, slow[name].bias, rtol=0, atol=1e-6, msg=name)
+        assert not torch.equal(fast[name].weight, _linear_init(feats, cells, name)), "trained"
+    assert evaluate_linear_grid(fast, cells, feats) == evaluate_linear_grid(slow, cells, feats)
+
+
+def _linear_init(feats, cells, name):
+    return train_linear_grid(feats, cells, 5, epochs=0, batch_size=64, seed=7)[name].weight
 
 
 def test_logreg_grid_and_known_answers():
