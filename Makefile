@@ -9,10 +9,10 @@ CORES ?= all
 
 env: $(VENV)/.installed
 
-$(VENV)/.installed: envs/requirements.lock pyproject.toml
+$(VENV)/.installed: envs/requirements.lock envs/install-lock.sh pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet -r envs/requirements.lock
+	bash envs/install-lock.sh $(BIN)/pip envs/requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
