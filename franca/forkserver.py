@@ -37,6 +37,8 @@ import time
 import traceback
 from pathlib import Path
 
+from franca.tracking_server import process_alive
+
 log = logging.getLogger(__name__)
 
 ENV_SOCKET = "FRANCA_FORKSERVER"
@@ -200,7 +202,7 @@ class Server:
             self._reap()
             if time.monotonic() - last_check > 1.0:
                 last_check = time.monotonic()
-                if self.parent_pid and not _alive(self.parent_pid):
+                if self.parent_pid and not process_alive(self.parent_pid):
                     log.info("workflow process %d is gone: stopping", self.parent_pid)
                     break
         self.close()
@@ -272,16 +274,6 @@ class Server:
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def preload(modules=PRELOAD) -> None:

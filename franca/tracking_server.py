@@ -75,7 +75,8 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     server = subprocess.Popen(command)  # in this process's session and group (start() made it a new session)
     while server.poll() is None:
-        if not _alive(args.parent_pid):  # the workflow is gone: stop the whole group, mlflow's children included
+        if not process_alive(args.parent_pid):  # the workflow is gone: stop the whole group, mlflow's children included
             os.killpg(os.getpgrp(), signal.SIGTERM)
         time.sleep(1.0)
     return server.returncode
