@@ -8,6 +8,7 @@ the Snakemake process that started it is gone (killed with SIGKILL, say), so no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -64,15 +65,25 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 120.0)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Terminate the watchdog's whole session (watchdog and server)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+    """Terminate the watchdog's whole session and wait until every process of it is gone (uvicorn finishes its
+    requests after SIGTERM: the watchdog can exit before the server stops answering)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while _group_alive(proc.pid) and time.time() < deadline:
+        proc.poll()  # reap the watchdog, our child: a zombie still counts as a member of its group
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def process_alive(pid: int) -> bool:
