@@ -84,7 +84,12 @@ def run_remote(argv: list[str]) -> int | None:
     path = _socket_path()
     if path is None:
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if not all(_is_open(fd) for fd in (0, 1, 2)):
+        return None  # a closed stdin/stdout/stderr: the socket would take its number and be sent in its place
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except (OSError, AttributeError):
+        return None  # no SOCK_SEQPACKET unix sockets on this system (macOS): run in-process
     try:
         sock.connect(path)
     except OSError:
@@ -94,12 +99,23 @@ def run_remote(argv: list[str]) -> int | None:
     with sock:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+        try:  # one atomic message: when it fails (an environment over the socket buffer, say), nothing ran
+            socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+        except OSError:
+            return None
         reply = sock.recv(_STATUS.size)
     if len(reply) != _STATUS.size:
         print(f"franca: the fork server at {path} stopped before `franca {' '.join(argv)}` finished", file=sys.stderr)
         return 1
     return _STATUS.unpack(reply)[0]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _umask() -> int:

@@ -133,6 +133,12 @@ def test_in_process_without_server_or_inside_slurm(server, tmp_path):
     inside = subprocess.run(["franca", "eval", "knn", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert inside.returncode == 0 and "--features" in inside.stdout
     assert server["log"].read_text().count("franca eval knn --help") == before  # not forked for a SLURM job
+    closed_stdin = subprocess.run(  # a closed fd 0 is not sent: the job runs in-process
+        ["bash", "-c", "exec 0<&-; franca eval knn --help"], cwd=tmp_path, env=env_for(server["path"]),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert closed_stdin.returncode == 0 and "--features" in closed_stdin.stdout, closed_stdin.stderr
+    assert server["log"].read_text().count("franca eval knn --help") == before
 
 
 def test_killed_caller_kills_its_child(data, server):
