@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -64,6 +65,7 @@ PRELOAD = (
 )
 _REQUEST_MAX = 1 << 20
 _STATUS = struct.Struct("!i")
+_REFUSED = -1  # the reply when the server could not fork: the caller runs the command itself
 _TORCH_DEFAULT_SEED = 67280421310721  # torch's default CPU generator seed in a fresh interpreter
 
 
@@ -103,7 +105,12 @@ def run_remote(argv: list[str]) -> int | None:
             socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
         except OSError:
             return None
-        reply = sock.recv(_STATUS.size)
+        try:
+            reply = sock.recv(_STATUS.size)
+        except OSError:
+            reply = b""
+    if len(reply) == _STATUS.size and _STATUS.unpack(reply)[0] == _REFUSED:
+        return None  # the server could not fork: nothing ran
     if len(reply) != _STATUS.size:
         print(f"franca: the fork server at {path} stopped before `franca {' '.join(argv)}` finished", file=sys.stderr)
         return 1
@@ -131,19 +138,25 @@ def _exec_child(request: dict, fds: list[int], inherited: list[int]) -> None:
     """In the forked child: become a fresh `franca` process for ``request``, run it, exit (never returns)."""
     code = 1
     try:
+        # own process group (the parent sets it too, so a kill right after fork reaches it): the server kills the
+        # group as a whole, DataLoader workers included. SIGTERM stays blocked until the handlers are reset.
+        os.setpgid(0, 0)
         for fd in inherited:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        os.setsid()  # own process group: the server kills it as a whole (DataLoader workers included)
         for target, fd in zip((0, 1, 2), fds, strict=True):
             os.dup2(fd, target)
             os.close(fd)
         _fresh_interpreter_state(request)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         from franca.cli import main
 
         code = _run_main(main, request["argv"])
+    except BaseException:
+        traceback.print_exc()  # the set-up failed (a cwd that no longer exists, say)
     finally:
         with contextlib.suppress(Exception):
+            threading._shutdown()  # join non-daemon threads, as interpreter shutdown does
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
@@ -162,6 +175,8 @@ def _fresh_interpreter_state(request: dict) -> None:
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=os.isatty(1))
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, errors="backslashreplace")
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    tempfile.tempdir = None  # re-read TMPDIR (Snakemake sets one per job)
     root = logging.getLogger()
     for handler in list(root.handlers):  # the server's handlers; main() configures its own
         root.removeHandler(handler)
@@ -171,6 +186,22 @@ def _fresh_interpreter_state(request: dict) -> None:
 
     numpy.random.seed()
     torch.manual_seed(_TORCH_DEFAULT_SEED)
+    _apply_thread_env()
+
+
+def _apply_thread_env() -> None:
+    """Thread pools sized from the caller's OMP_NUM_THREADS (Snakemake sets it to the rule's threads), as a fresh
+    process sizes them when it loads torch, OpenBLAS and OpenMP; the server loaded them with its own environment."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return
+    if n > 0:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(n)
+        threadpool_limits(n)
 
 
 def _run_main(main, argv: list[str]) -> int:
@@ -209,37 +240,59 @@ class Server:
 
     def serve(self) -> None:
         last_check = time.monotonic()
-        while not self.stopping:
-            for key, _ in self.selector.select(timeout=0.05):
-                if key.fileobj is self.listener:
-                    self._accept()
-                else:
-                    self._caller_gone(key.fileobj)
-            self._reap()
-            if time.monotonic() - last_check > 1.0:
-                last_check = time.monotonic()
-                if self.parent_pid and not process_alive(self.parent_pid):
-                    log.info("workflow process %d is gone: stopping", self.parent_pid)
-                    break
-        self.close()
+        try:
+            while not self.stopping:
+                for key, _ in self.selector.select(timeout=0.05):
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    else:
+                        self._caller_gone(key.fileobj)
+                self._reap()
+                if time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    if self.parent_pid and not process_alive(self.parent_pid):
+                        log.info("workflow process %d is gone: stopping", self.parent_pid)
+                        break
+        finally:
+            self.close()
 
     def _accept(self) -> None:
-        conn, _ = self.listener.accept()
         try:
+            conn, _ = self.listener.accept()
+        except OSError as exc:  # out of file descriptors, say: the caller runs in-process
+            log.error("accept: %s", exc)
+            return
+        fds: list[int] = []
+        try:
+            conn.settimeout(5.0)  # a caller stopped between connect and send must not stall the server
             data, fds, _, _ = socket.recv_fds(conn, _REQUEST_MAX, 3)
             request = json.loads(data)
             if len(fds) != 3:
                 raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
         except (OSError, ValueError) as exc:
             log.error("bad request: %s", exc)
+            _close_all(fds)
             conn.close()
             return
-        inherited = [self.listener.fileno(), conn.fileno(), *(c.fileno() for c in self.children.values())]
-        pid = os.fork()
+        inherited = [self.listener.fileno(), self.selector.fileno(), conn.fileno()]
+        inherited += [c.fileno() for c in self.children.values()]
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.error("fork: %s", exc)
+            pid = None
         if pid == 0:
             _exec_child(request, fds, inherited)
-        for fd in fds:
-            os.close(fd)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        _close_all(fds)
+        if pid is None:
+            with contextlib.suppress(OSError):
+                conn.send(_STATUS.pack(_REFUSED))
+            conn.close()
+            return
+        with contextlib.suppress(OSError):  # the child may have done it already
+            os.setpgid(pid, pid)
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ)
         log.info("pid %d: franca %s", pid, " ".join(request["argv"]))
@@ -282,14 +335,25 @@ class Server:
         while self.children and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.05)
+        for pid in list(self.children):  # no child outlives the server
+            _kill_group(pid, signal.SIGKILL)
+        self._reap()
         self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.path))
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int, sig: int = signal.SIGTERM) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def preload(modules=PRELOAD) -> None:

@@ -144,7 +144,8 @@ def test_in_process_without_server_or_inside_slurm(server, tmp_path):
 def test_killed_caller_kills_its_child(data, server):
     """Snakemake cancels a job by killing its process: the forked child and its workers stop too."""
     out = "results/pretrain/killed"
-    cmd = ["franca", "pretrain", "--stage-index", "1", "--out", out, *config_args(optim__iterations=500)]
+    cmd = ["franca", "pretrain", "--stage-index", "1", "--out", out]
+    cmd += config_args(optim__iterations=500, run__num_workers=1)  # a DataLoader worker: a grandchild
     proc = subprocess.Popen(
         cmd, cwd=data, env=env_for(server["path"]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -152,9 +153,9 @@ def test_killed_caller_kills_its_child(data, server):
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     deadline = time.time() + 30
-    while _alive(child) and time.time() < deadline:
+    while _group_alive(child) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _alive(child), f"forked child {child} still runs after its caller was killed"
+    assert not _group_alive(child), f"forked child {child} or its workers still run after its caller was killed"
     assert not (data / out / "checkpoint.pt").exists()
 
 
@@ -168,9 +169,40 @@ def _wait_for_child(log: Path, needle: str, timeout: float = 60) -> int:
     raise AssertionError(f"the server never forked a child for {needle}:\n{log.read_text()}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+def _group_alive(pgid: int) -> bool:
+    """A process of group ``pgid`` that is not a zombie (the child, its DataLoader workers)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+def test_child_exit_codes_and_thread_environment(monkeypatch, capsys):
+    """SystemExit codes as the interpreter reports them; thread pools sized from the caller's OMP_NUM_THREADS."""
+
+    def exits(code):
+        def main(argv):
+            raise SystemExit(code)
+
+        return main
+
+    assert forkserver._run_main(exits(None), []) == 0
+    assert forkserver._run_main(exits(3), []) == 3
+    assert forkserver._run_main(exits("no such file: x.pt"), []) == 1
+    assert "no such file: x.pt" in capsys.readouterr().err
+    assert forkserver._run_main(lambda argv: 1 / 0, []) == 1
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=None):  # restores the pools' sizes afterwards
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        forkserver._apply_thread_env()
+        assert torch.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+    torch.set_num_threads(before)
