@@ -1,7 +1,7 @@
 """Warm starts for the jobs of a local workflow run: a fork server that imports torch and the stages once.
 
 Every job of a local run is a `franca` process, and importing torch, torch._dynamo (pulled in by the first
-optimizer), torchvision, sklearn and the stage modules costs 4-7 CPU-s per process: more than many tiny jobs
+optimizer), torchvision, sklearn and the stage modules costs 3-7 CPU-s per process: more than many tiny jobs
 compute. The workflow's onstart hook (franca.workflow_hooks) starts one server per invocation; `franca` then asks it
 for a child: the server forks, and the child runs ``franca.cli.main`` with the caller's argv, working directory,
 environment, umask and stdin/stdout/stderr (sent as file descriptors), from the RNG states of a fresh interpreter.
