@@ -38,7 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
-from franca.tracking_server import process_alive
+from franca.sessions import process_alive, stop_session
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,9 @@ def _apply_thread_env() -> None:
     except ValueError:
         return
     if n > 0:
-        import torch
-        from threadpoolctl import threadpool_limits
+        from franca.stages.common import limit_threads
 
-        torch.set_num_threads(n)
-        threadpool_limits(n)
+        limit_threads(n)
 
 
 def _run_main(main, argv: list[str]) -> int:
@@ -384,13 +382,8 @@ def start(log_file: Path) -> tuple[subprocess.Popen, str]:
 
 
 def stop(proc: subprocess.Popen, path: str, timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """Stop the server (it stops its children first); remove its socket if it could not."""
+    stop_session(proc, timeout)
     with contextlib.suppress(OSError):
         os.unlink(path)
     with contextlib.suppress(OSError):

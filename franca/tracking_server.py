@@ -8,7 +8,6 @@ the Snakemake process that started it is gone (killed with SIGKILL, say), so no 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -17,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from franca.sessions import process_alive, stop_session
 
 log = logging.getLogger(__name__)
 
@@ -65,36 +66,8 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 120.0)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Terminate the watchdog's whole session and wait until every process of it is gone (uvicorn finishes its
-    requests after SIGTERM: the watchdog can exit before the server stops answering)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.time() + timeout
-    while _group_alive(proc.pid) and time.time() < deadline:
-        proc.poll()  # reap the watchdog, our child: a zombie still counts as a member of its group
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (it may belong to another user)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Terminate the watchdog's whole session (watchdog, mlflow server, uvicorn) and wait until it is gone."""
+    stop_session(proc, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

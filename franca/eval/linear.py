@@ -116,7 +116,8 @@ def _train_stacked(classifiers, cells, inputs, labels, optim, sched, epochs, bat
         ]
         for kind, idx in kinds.items()
     }
-    bufs: dict[tuple, list[torch.Tensor]] = {}
+    flat = [p for pair in params.values() for p in pair]  # weight, bias of each kind, in kind order
+    bufs: dict[tuple, list[torch.Tensor | None]] = {kind: [None, None] for kind in params}
     n = labels.shape[0]
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
@@ -129,12 +130,12 @@ def _train_stacked(classifiers, cells, inputs, labels, optim, sched, epochs, bat
                 logits = torch.baddbmm(bias[:, None, :], x.expand(weight.shape[0], -1, -1), weight.transpose(1, 2))
                 per_cell = F.cross_entropy(logits.transpose(1, 2), y.expand(weight.shape[0], -1), reduction="none")
                 loss = loss + per_cell.mean(dim=1).sum()  # (L, B) -> sum of the cells' mean losses
-            grads = torch.autograd.grad(loss, [p for pair in params.values() for p in pair])
+            grads = torch.autograd.grad(loss, flat)
             lrs = [group["lr"] for group in optim.param_groups]
             with torch.no_grad():
                 for k, (kind, pair) in enumerate(params.items()):
+                    buf = bufs[kind]
                     for j, (p, g) in enumerate(zip(pair, grads[2 * k : 2 * k + 2], strict=True)):
-                        buf = bufs.setdefault(kind, [None, None])
                         buf[j] = g.clone() if buf[j] is None else buf[j].mul_(0.9).add_(g)
                         for slot, i in enumerate(kinds[kind]):
                             p[slot].add_(buf[j][slot], alpha=-lrs[i])

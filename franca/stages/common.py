@@ -38,15 +38,19 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        limit_threads(args.threads)
+
+
+def limit_threads(n: int) -> None:
     """One thread budget for every pool of the job: torch's and the OpenMP / BLAS pools of numpy, scipy, sklearn
     and faiss, so that jobs sharing the cores do not oversubscribe them (OpenMP workers spin while they wait)."""
-    if args.threads:
-        os.environ.update({var: str(args.threads) for var in _THREAD_ENV})  # libraries loaded from now on
-        import torch
-        from threadpoolctl import threadpool_limits
+    os.environ.update({var: str(n) for var in _THREAD_ENV})  # libraries loaded from now on
+    import torch
+    from threadpoolctl import threadpool_limits
 
-        torch.set_num_threads(args.threads)
-        threadpool_limits(args.threads)  # libraries already loaded (numpy's OpenBLAS, faiss's OpenMP, ...)
+    torch.set_num_threads(n)
+    threadpool_limits(n)  # libraries already loaded (numpy's OpenBLAS, faiss's OpenMP, ...)
 
 
 @dataclass

@@ -202,6 +202,8 @@ def test_child_exit_codes_and_thread_environment(monkeypatch, capsys):
     before = torch.get_num_threads()
     with threadpool_limits(limits=None):  # restores the pools' sizes afterwards
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # set by the call: restored after the test
+            monkeypatch.delenv(var, raising=False)
         forkserver._apply_thread_env()
         assert torch.get_num_threads() == 1
         assert all(pool["num_threads"] == 1 for pool in threadpool_info())
