@@ -6,6 +6,7 @@ franca features | rasa | eval     frozen-backbone features, RASA, evaluations (f
 franca paper                      tables, figures, index.html (franca/paper)
 franca audit PATH                 walk provenance from an artifact back to the sources, verifying hashes
 franca restore                    after `dvc pull`: verify hashes, restore file times so nothing reruns
+franca config                     the job config files that the stages read (--config FILE)
 franca plan                       jobs, FLOPs, GPU-hours and storage of a preset before submitting
 """
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 
 # subcommand -> (module under franca.stages with `add_arguments(name, parser)`, help)
 COMMANDS = {
+    "config": ("configs", "write the job config files of a preset x experiment x seed (for runs by hand)"),
     "data": ("data", "data phases: fetch | shard | dedup"),
     "pretrain": ("train", "SSL pretraining stage; resumes from work/ckpt/ when killed"),
     "resize-pos-embed": ("train", "offline step of the high-res fine-tune: teacher pos_embed to the new grid"),
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("franca").info("command: %s", shlex.join(["franca", *argv]))  # rerun by hand from the log
     return int(args.func(args) or 0)
 
 

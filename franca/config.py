@@ -92,7 +92,7 @@ def stage_config(cfg: Mapping, stage: str, index: int = 1) -> dict[str, Any]:
         out["data"] = cfg["data"]["highres"]
         return out
     if stage == "rasa":
-        return {"rasa": cfg["rasa"], "data": cfg["data"]["rasa"], "seed": cfg["seed"]}
+        return {"rasa": cfg["rasa"], "seed": cfg["seed"]}  # trained on the features job's dense tokens
     if stage == "features":
         keys = [k for k, v in cfg["eval"].items() if not isinstance(v, Mapping) and k not in _BENCH_LISTS]
         return {"eval": {k: cfg["eval"][k] for k in keys}, "data": _eval_data(cfg)}
@@ -116,7 +116,8 @@ def dataset_config(cfg: Mapping, name: str) -> dict[str, Any]:
 
 
 def classification_sources(cfg: Mapping) -> dict[str, tuple[str, str]]:
-    """(dataset, split) that each classification split (train, val, test) of the features stage reads.
+    """(dataset, split) that each classification split (train, val, test) of the features stage reads; ``cfg`` is the
+    full config or the features job's slice (both hold ``data.classification``).
 
     train comes from ``data.classification.dataset``; val and test from ``val_dataset`` when it is given, else from
     the same dataset (ImageNet protocol, spec 7.1-7.3: fit on the train set, report on the official val set).
@@ -135,7 +136,7 @@ def eval_datasets(cfg: Mapping) -> list[str]:
 def used_datasets(cfg: Mapping) -> list[str]:
     """Datasets some stage reads: only these are fetched. A name missing from data.datasets raises ConfigError."""
     data = cfg["data"]
-    names = {data[role]["dataset"] for role in ("pretrain", "highres", "rasa")} | set(eval_datasets(cfg))
+    names = {data[role]["dataset"] for role in ("pretrain", "highres")} | set(eval_datasets(cfg))
     names |= {ref.split(":")[0] for ref in [data["dedup"]["train"], *data["dedup"]["eval"]]}
     for name in sorted(names):
         dataset_config(cfg, name)
@@ -147,12 +148,74 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def stage_args(preset: str, experiment: str, seed: int, overrides: Sequence[str]) -> list[str]:
-    """Command-line arguments that make a `franca` stage compose the same config as the workflow."""
-    args = ["--preset", preset, "--experiment", experiment, "--seed", str(seed), "--threads", "1"]
-    for override in overrides:
-        args += ["--override", override]
-    return args
+def dataset_job_config(cfg: Mapping, name: str) -> dict[str, Any]:
+    """What the fetch and shard jobs of dataset ``name`` read: its entry, with ``classes_from`` resolved to the
+    other tree's root (``classes_from_root``)."""
+    ds = dataset_config(cfg, name)
+    if ds.get("classes_from"):
+        other = dataset_config(cfg, ds["classes_from"])
+        if ds["source"] != "folder" or other["source"] != "folder":
+            raise ConfigError(f"data.datasets.{name}.classes_from={ds['classes_from']!r} needs two `source: folder`")
+        ds["classes_from_root"] = other["root"]
+    return ds
+
+
+def dedup_dataset(cfg: Mapping) -> str:
+    """The training dataset that ``data.dedup`` deduplicates (its job and outputs are named after it)."""
+    return cfg["data"]["dedup"]["train"].split(":")[0]
+
+
+def dedup_datasets(cfg: Mapping) -> list[str]:
+    """Datasets whose manifests the dedup job reads: its train set and every eval set."""
+    dd = cfg["data"]["dedup"]
+    return sorted({ref.split(":")[0] for ref in [dd["train"], *dd["eval"]]})
+
+
+def run_job_configs(cfg: Mapping) -> dict[str, dict[str, Any]]:
+    """Every job config of one experiment x seed, by file stem: pretrain<i>, highres, features, rasa, eval (every
+    benchmark), eval_dense (the dense ones, run again with the RASA head) and run (orchestration, never a trigger)."""
+    benches, dense = cfg["eval"]["benchmarks"], cfg["eval"]["dense_benchmarks"]
+    out = {f"pretrain{i}": stage_config(cfg, "pretrain", i) for i in range(1, n_pretrain_stages(cfg) + 1)}
+    out |= {stage: stage_config(cfg, stage) for stage in ("highres", "features", "rasa")}
+    out["eval"] = {"eval": {b: cfg["eval"].get(b) or {} for b in benches}}
+    out["eval_dense"] = {"eval": {b: cfg["eval"].get(b) or {} for b in benches if b in dense}}
+    out["run"] = dict(cfg["run"])
+    return out
+
+
+def job_files(cfg: Mapping, root: str | Path, experiment: str, seed: int) -> dict[Path, dict[str, Any]]:
+    """{path: config} of every job of one experiment x seed: ``<root>/<experiment>/s<seed>/<stem>.json`` (see
+    :func:`run_job_configs`), ``<root>/data/<dataset>.json`` (fetch, shard) and ``<root>/dedup/<dataset>.json``."""
+    root = Path(root)
+    files = {root / experiment / f"s{seed}" / f"{stem}.json": obj for stem, obj in run_job_configs(cfg).items()}
+    files |= {root / "data" / f"{name}.json": dataset_job_config(cfg, name) for name in used_datasets(cfg)}
+    files[root / "dedup" / f"{dedup_dataset(cfg)}.json"] = dict(cfg["data"]["dedup"])
+    return files
+
+
+def write_slice(path: str | Path, obj: Any) -> Path:
+    """Write a job's config file (canonical JSON) only when its content changes, so that its mtime is the rerun
+    trigger of the jobs that read it. A new file gets mtime 0: it carries no news (a fresh clone or a deleted
+    work/ recreates the same text; `franca restore` checks restored results against it)."""
+    path, text = Path(path), canonical_json(obj) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return path
+    existed = path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    if not existed:
+        os.utime(path, ns=(0, 0))
+    return path
+
+
+def read_slice(path: str | Path) -> dict[str, Any]:
+    """A job's config file (written by the workflow, or by `franca config` for a run by hand)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the job config {path}: {err}") from err
 
 
 def validate(cfg: Mapping) -> None:

@@ -1,123 +1,92 @@
-"""One entry point per benchmark: backbone + sample splits -> result dict -> metrics JSON (docs/interfaces.md).
+"""The one evaluation registry (spec 7): cached features -> result dict, used by the workflow and the tests alike.
 
-``run_benchmark(name, backbone, splits, cfg, rasa_head=None)`` extracts what the benchmark needs with
-``franca.eval.features`` and calls the tensor-level evaluation.  ``splits`` maps "train" / "val" (and optionally
-"test") to sample iterables (``franca.data.shards.iter_samples``); each is consumed once.
-``cfg`` keys: ``resize_size``, ``crop_size``, ``batch_size``, ``device``, ``num_classes`` (dense benchmarks),
-and a sub-dict per benchmark name with the keyword arguments of its evaluation function, e.g.
-``{"knn": {"ks": [10, 20]}, "overcluster": {"mask_size": 32}}``.
-Dense benchmarks and the position probe use ``rasa_head`` (a RASAHead) on the patch tokens when given; the
-backbone applies it (``forward_features(x, rasa_head=...)["patch_token_rasa"]``).
+The features job runs the frozen teacher once per checkpoint (``extract_eval_features``) and caches what every
+benchmark needs: per classification split the normalised CLS of the last blocks and the mean patch token, per dense
+split the final-norm patch tokens with their masks. ``evaluate(name, feats, kwargs, rasa_head)`` then runs one
+benchmark on that cache; ``run_benchmark`` chains both for a backbone and sample iterables. RASA is linear on the
+final-norm patch tokens, so applying the head to cached tokens equals
+``forward_features(x, rasa_head=head)["patch_token_rasa"]``.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
-from franca.eval.features import extract_cls_features, extract_linear_features, extract_patch_features
-from franca.eval.hummingbird import hummingbird_eval
-from franca.eval.knn import knn_classify
-from franca.eval.linear import linear_probe
-from franca.eval.linseg import linseg_eval
-from franca.eval.logreg import logreg_eval
-from franca.eval.overcluster import overcluster_eval
-from franca.eval.position_probe import evaluate_position_probe
 from franca.eval.result import write_eval_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BENCHMARKS", "DENSE_BENCHMARKS", "run_benchmark", "write_eval_json"]
+__all__ = ["BENCHMARKS", "DENSE_BENCHMARKS", "evaluate", "extract_eval_features", "run_benchmark", "write_eval_json"]
 
+CLASSIFICATION_BENCHMARKS = ("knn", "linear", "logreg")
 DENSE_BENCHMARKS = ("hummingbird", "linseg", "overcluster", "position_probe")
+BENCHMARKS = (*CLASSIFICATION_BENCHMARKS, *DENSE_BENCHMARKS)
+DEFAULT_N_LAST_BLOCKS = (1, 4)  # linear_probe's default grid (spec 7.2)
 
 
-def _geometry(cfg: Mapping) -> dict:
+def linear_blocks(linear_kwargs: Mapping | None) -> int:
+    """How many last blocks the features job caches: the largest of the linear grid's ``n_last_blocks_list``."""
+    return max((linear_kwargs or {}).get("n_last_blocks_list") or DEFAULT_N_LAST_BLOCKS)
+
+
+def extract_eval_features(
+    backbone: nn.Module,
+    classification: Mapping[str, Iterable[dict]],
+    dense: Mapping[str, Iterable[dict]],
+    geometry: Mapping,
+    n_last_blocks: int,
+) -> dict:
+    """{"linear": {split: linear features}, "dense": {split: patch features}} of the given sample iterables."""
+    from franca.eval.features import extract_linear_features, extract_patch_features
+
     return {
-        "resize_size": int(cfg.get("resize_size", 256)),
-        "crop_size": int(cfg.get("crop_size", 224)),
-        "batch_size": int(cfg.get("batch_size", 64)),
-        "device": cfg.get("device", "cpu"),
+        "linear": {
+            s: extract_linear_features(backbone, samples, n_last_blocks=n_last_blocks, **geometry)
+            for s, samples in classification.items()
+        },
+        "dense": {s: extract_patch_features(backbone, samples, **geometry) for s, samples in dense.items()},
     }
 
 
-def _knn(backbone, splits, cfg, rasa_head):
-    geo = _geometry(cfg)
-    tr, va = (extract_cls_features(backbone, splits[s], **geo) for s in ("train", "val"))
-    return knn_classify(tr["features"], tr["labels"], va["features"], va["labels"], **dict(cfg.get("knn", {})))
+def _dense_tokens(feats: Mapping, rasa_head: Callable | None, name: str) -> tuple:
+    dense, head = feats["dense"], rasa_head or (lambda x: x)
+    for split in ("train", "val"):
+        if split in dense and dense[split]["segs"] is None and name != "position_probe":
+            raise ValueError(f"{name}: the {split} samples carry no 'seg' masks")
+    return tuple(head(dense[s]["patch_tokens"]) if s in dense else None for s in ("train", "val"))
 
 
-def _logreg(backbone, splits, cfg, rasa_head):
-    geo = _geometry(cfg)
-    tr, va = (extract_cls_features(backbone, splits[s], **geo) for s in ("train", "val"))
-    return logreg_eval(tr["features"], tr["labels"], va["features"], va["labels"], **dict(cfg.get("logreg", {})))
-
-
-def _linear(backbone, splits, cfg, rasa_head):
-    geo = _geometry(cfg)
-    kw = dict(cfg.get("linear", {}))
-    n_blocks = max(kw.get("n_last_blocks_list", (1, 4)))
-    feats = {
-        s: extract_linear_features(backbone, splits[s], n_last_blocks=n_blocks, **geo)
-        for s in ("train", "val", "test")
-        if s in splits
-    }
-    return linear_probe(feats["train"], feats["val"], feats.get("test"), **kw)
-
-
-def _patches(backbone, splits, cfg, rasa_head, split):
-    return extract_patch_features(backbone, splits[split], rasa_head=rasa_head, **_geometry(cfg))
-
-
-def _num_classes(cfg: Mapping, name: str) -> int:
-    if "num_classes" not in cfg:
-        raise KeyError(f"eval config for {name!r} needs 'num_classes' (number of segmentation classes)")
-    return int(cfg["num_classes"])
-
-
-def _dense(fn: Callable, name: str):
-    def run(backbone, splits, cfg, rasa_head):
-        tr, va = (_patches(backbone, splits, cfg, rasa_head, s) for s in ("train", "val"))
-        for split, feats in (("train", tr), ("val", va)):
-            if feats["segs"] is None:
-                raise ValueError(f"{name}: the {split} samples carry no 'seg' masks")
-        return fn(
-            tr["patch_tokens"],
-            tr["segs"],
-            va["patch_tokens"],
-            va["segs"],
-            _num_classes(cfg, name),
-            **dict(cfg.get(name, {})),
+def evaluate(name: str, feats: Mapping, kwargs: Mapping | None, rasa_head: Callable | None = None) -> dict:
+    """One benchmark on cached features -> {"metrics", "details"}. Imports only that benchmark's module."""
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+    module = importlib.import_module(f"franca.eval.{name}")
+    kw = dict(kwargs or {})
+    if name in CLASSIFICATION_BENCHMARKS:
+        if rasa_head is not None:
+            logger.warning("%s uses the CLS token; the RASA head (patch tokens only) has no effect", name)
+        lin = feats["linear"]
+        if name == "linear":
+            return module.linear_probe(lin["train"], lin["val"], lin.get("test"), **kw)
+        tr, va = lin["train"], lin["val"]  # last block's normalised CLS = x_norm_clstoken
+        fn = module.knn_classify if name == "knn" else module.logreg_eval
+        return fn(tr["cls_tokens"][:, -1], tr["labels"], va["cls_tokens"][:, -1], va["labels"], **kw)
+    dense, n_cls = feats["dense"], feats.get("num_classes")
+    if name == "position_probe":
+        return module.evaluate_position_probe(
+            dense["train"]["patch_tokens"], dense["val"]["patch_tokens"], rasa_head=rasa_head, **kw
         )
-
-    return run
-
-
-def _overcluster(backbone, splits, cfg, rasa_head):
-    va = _patches(backbone, splits, cfg, rasa_head, "val")
-    if va["segs"] is None:
-        raise ValueError("overcluster: the val samples carry no 'seg' masks")
-    return overcluster_eval(
-        va["patch_tokens"], va["segs"], _num_classes(cfg, "overcluster"), **dict(cfg.get("overcluster", {}))
-    )
-
-
-def _position_probe(backbone, splits, cfg, rasa_head):
-    tr, va = (_patches(backbone, splits, cfg, None, s)["patch_tokens"] for s in ("train", "val"))
-    return evaluate_position_probe(tr, va, rasa_head=rasa_head, **dict(cfg.get("position_probe", {})))
-
-
-BENCHMARKS: dict[str, Callable] = {
-    "knn": _knn,
-    "linear": _linear,
-    "logreg": _logreg,
-    "hummingbird": _dense(hummingbird_eval, "hummingbird"),
-    "linseg": _dense(linseg_eval, "linseg"),
-    "overcluster": _overcluster,
-    "position_probe": _position_probe,
-}
+    if n_cls is None:
+        raise KeyError(f"benchmark {name!r} needs 'num_classes' (number of segmentation classes)")
+    tr, va = _dense_tokens(feats, rasa_head, name)
+    if name == "overcluster":
+        return module.overcluster_eval(va, dense["val"]["segs"], int(n_cls), **kw)
+    fn = module.hummingbird_eval if name == "hummingbird" else module.linseg_eval
+    return fn(tr, dense["train"]["segs"], va, dense["val"]["segs"], int(n_cls), **kw)
 
 
 def run_benchmark(
@@ -127,12 +96,27 @@ def run_benchmark(
     cfg: Mapping,
     rasa_head: Callable | None = None,
 ) -> dict:
-    """Run benchmark ``name`` -> {"metrics": {flat floats}, "details": {...}}."""
+    """Extract what benchmark ``name`` needs from ``splits`` ("train", "val", optionally "test"; each iterable is
+    consumed once), then :func:`evaluate` it. ``cfg``: ``resize_size``, ``crop_size``, ``batch_size``, ``device``,
+    ``num_classes`` (dense benchmarks) and a sub-dict of keyword arguments per benchmark name."""
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
-    missing = [s for s in ("train", "val") if s not in splits and not (name == "overcluster" and s == "train")]
+    needed = ("val",) if name == "overcluster" else ("train", "val")
+    missing = [s for s in needed if s not in splits]
     if missing:
         raise KeyError(f"benchmark {name!r} needs the splits {missing} (got {sorted(splits)})")
-    if rasa_head is not None and name not in DENSE_BENCHMARKS:
-        logger.warning("%s uses the CLS token; the RASA head (patch tokens only) has no effect", name)
-    return BENCHMARKS[name](backbone, splits, cfg, rasa_head)
+    if name in ("hummingbird", "linseg", "overcluster") and "num_classes" not in cfg:
+        raise KeyError(f"benchmark {name!r} needs 'num_classes' (number of segmentation classes)")
+    geometry = {
+        "resize_size": int(cfg.get("resize_size", 256)),
+        "crop_size": int(cfg.get("crop_size", 224)),
+        "batch_size": int(cfg.get("batch_size", 64)),
+        "device": cfg.get("device", "cpu"),
+    }
+    kw = cfg.get(name, {})
+    if name in CLASSIFICATION_BENCHMARKS:
+        cls, dense = {s: splits[s] for s in (*needed, "test") if s in splits}, {}
+    else:
+        cls, dense = {}, {s: splits[s] for s in needed}
+    feats = extract_eval_features(backbone, cls, dense, geometry, linear_blocks(cfg.get("linear")))
+    return evaluate(name, {**feats, "num_classes": cfg.get("num_classes")}, kw, rasa_head)

@@ -1,4 +1,5 @@
-"""What every stage command shares: config composition from CLI args, the MLflow child run, provenance."""
+"""What every stage command shares: the job config file its rule hands it, the thread budget, the MLflow child run
+and provenance."""
 
 from __future__ import annotations
 
@@ -20,26 +21,39 @@ from franca.train.distributed import launcher_rank
 log = logging.getLogger(__name__)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="tiny | small | paper_* (config/preset/)")
-    parser.add_argument("--experiment", default="franca", help="config/experiment/<name>.yaml")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--override", action="append", default=[], help="Hydra override key=value (repeatable)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    """What every stage job is handed by its rule (`franca config` writes the same files for a run by hand)."""
+    parser.add_argument("--config", required=True, help="the job's resolved config slice (JSON)")
+    parser.add_argument(
+        "--run-config", default=None, help="orchestration JSON (config `run` group): never changes results"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="one budget for torch, OpenMP and BLAS pools")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="MLflow tag (repeatable)")
 
 
-def full_config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = fc.compose(args.preset, args.experiment, args.seed, tuple(args.override))
-    fc.validate(cfg)
-    return cfg
+def start(args: argparse.Namespace) -> dict[str, Any]:
+    """Limit the thread pools and read the job's config slice (nothing is composed again here)."""
+    limit_threads(args.threads)
+    return fc.read_slice(args.config)
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The orchestration settings of the job (`run` group of config/franca.yaml), or {} when none was given."""
+    return fc.read_slice(args.run_config) if args.run_config else {}
+
+
+def parse_pairs(pairs: Iterable[str], what: str) -> dict[str, str]:
+    """["k=v", ...] -> {k: v}; a pair without "=" names itself in the error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{what}: expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
 
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def set_threads(args: argparse.Namespace) -> None:
-    if args.threads:
-        limit_threads(args.threads)
 
 
 def limit_threads(n: int) -> None:
@@ -85,11 +99,9 @@ def job(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     all_tags = {
-        "rule": os.environ.get("FRANCA_RULE", stage),
+        "rule": stage,
         "stage": stage,
-        "preset": getattr(args, "preset", ""),
-        "experiment": getattr(args, "experiment", ""),
-        "seed": str(getattr(args, "seed", "")),
+        **parse_pairs(getattr(args, "tag", []), "--tag"),
         "git_commit": provenance.code_version()["git_commit"],
         "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
         **{k: str(v) for k, v in (tags or {}).items()},
@@ -125,8 +137,9 @@ def input_hash_tags(inputs: Mapping[str, Mapping]) -> dict[str, str]:
     return tags
 
 
-def shard_files(dataset_dir: str | Path, split: str) -> list[Path]:
-    files = sorted(Path(dataset_dir).glob(f"{split}-*.tar"))
+def shard_files(shard_dir: str | Path, split: str) -> list[Path]:
+    """The shards of one split in a shard directory handed to the job (``<split>-%06d.tar``)."""
+    files = sorted(Path(shard_dir).glob(f"{split}-*.tar"))
     if not files:
-        raise FileNotFoundError(f"no shards for split {split!r} in {dataset_dir}")
+        raise FileNotFoundError(f"no shards for split {split!r} in {shard_dir}")
     return files

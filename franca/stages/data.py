@@ -11,7 +11,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from franca.stages.common import add_config_args, full_config, job
+from franca.stages.common import add_job_args, job, parse_pairs, start
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -25,21 +25,25 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     shard.add_argument("--out", required=True)
     shard.add_argument("--workers", type=int, default=1)
     dedup = sub.add_parser("dedup", help="exact, near and eval-copy duplicates -> kept keys, report, data card")
-    dedup.add_argument("--out", required=True)
+    dedup.add_argument(
+        "--manifest",
+        action="append",
+        required=True,
+        metavar="DATASET=PATH",
+        help="manifest of each dataset the dedup config names (repeatable)",
+    )
+    dedup.add_argument("--out", required=True, help="directory of kept.txt, report.json, datacard.md")
     for child, func in ((fetch, run_fetch), (shard, run_shard), (dedup, run_dedup)):
-        add_config_args(child)
+        add_job_args(child)
         child.set_defaults(func=func)
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from franca import config as fc
-
-    cfg = full_config(args)
-    ds = fc.dataset_config(cfg, args.dataset)
+    ds = start(args)
     out = Path(args.out)
     external = [p for p in (ds.get("url_list"), ds.get("root")) if p]
     with job("fetch", args, ds, out, inputs=external, tags={"dataset": args.dataset}) as current:
-        summary = _acquire(ds, out, class_names=_class_names_from(cfg, ds))
+        summary = _acquire(ds, out, class_names=_class_names_from(ds))
         current.extra["fetch_report"] = summary
         current.extra["sources"] = [
             {
@@ -52,19 +56,15 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _class_names_from(cfg: dict, ds: dict) -> list[str] | None:
-    """Label mapping of a folder dataset that must share another's (``classes_from``: a val tree takes the train
-    tree's sorted class folders, so that a class missing from val does not shift the labels of the others)."""
-    ref = ds.get("classes_from")
-    if not ref:
+def _class_names_from(ds: dict) -> list[str] | None:
+    """Label mapping of a folder dataset that shares another's (``classes_from``: a val tree takes the train tree's
+    sorted class folders, so that a class missing from val does not shift the labels of the others). The workflow
+    resolves the other tree's root into ``classes_from_root``."""
+    if not ds.get("classes_from"):
         return None
-    from franca import config as fc
     from franca.data import sources
 
-    other = fc.dataset_config(cfg, ref)
-    if ds["source"] != "folder" or other["source"] != "folder":
-        raise fc.ConfigError(f"data.datasets: classes_from={ref!r} needs two `source: folder` datasets")
-    return sources.folder_class_names(other["root"])
+    return sources.folder_class_names(ds["classes_from_root"])
 
 
 def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
@@ -113,10 +113,9 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
 
 
 def run_shard(args: argparse.Namespace) -> int:
-    from franca import config as fc
     from franca.data.manifest import canonicalise
 
-    ds = fc.dataset_config(full_config(args), args.dataset)
+    ds = start(args)
     raw, out = Path(args.raw), Path(args.out)
     splits = {d.name: [d] for d in sorted(raw.iterdir()) if d.is_dir() and any(d.glob("*.tar"))}
     if not splits:
@@ -135,16 +134,19 @@ def run_dedup(args: argparse.Namespace) -> int:
     from franca.data.datacard import write_datacard
     from franca.data.dedup import deduplicate
 
-    cfg = full_config(args)
-    dd = cfg["data"]["dedup"]
+    dd = start(args)
+    paths = parse_pairs(args.manifest, "--manifest")
     out = Path(args.out)
     train_ds, train_split = dd["train"].split(":")
     eval_refs = [ref.split(":") for ref in dd["eval"]]
-    manifests = sorted({f"data/{name}/manifest.parquet" for name, _ in [(train_ds, train_split), *eval_refs]})
+    absent = sorted({name for name, _ in [(train_ds, train_split), *eval_refs]} - set(paths))
+    if absent:
+        raise SystemExit(f"{args.config}: dedup names dataset {absent[0]!r} but no --manifest {absent[0]}=PATH")
+    manifests = sorted(set(paths.values()))
     with job("dedup", args, dd, out, inputs=manifests, tags={"train": dd["train"]}) as current:
         report = deduplicate(
-            f"data/{train_ds}/manifest.parquet",
-            sorted({f"data/{name}/manifest.parquet" for name, _ in eval_refs}),
+            paths[train_ds],
+            sorted({paths[name] for name, _ in eval_refs}),
             out,
             hamming_threshold=dd["hamming_threshold"],
             eval_hamming_threshold=dd["eval_hamming_threshold"],

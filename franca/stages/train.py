@@ -1,76 +1,89 @@
-"""`franca pretrain`, `franca resize-pos-embed`, `franca highres`: the training stages (franca/train)."""
+"""`franca pretrain`, `franca resize-pos-embed`, `franca highres`: the training stages (franca/train).
+
+Rolling checkpoints live in ``<run.rolling_dir>/<out>/<identity>/``, outside every declared output (Snakemake never
+deletes them), keyed by the job's identity (config slice, input hashes, code digest): a killed job rerun with the
+same inputs resumes; any change, or a rerun after the job finished (its state is removed once the checkpoint is
+published, unless ``run.keep_rolling``), starts at iteration 0 or from ``--init``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import logging
+import shutil
 from pathlib import Path
 
-from franca.stages.common import add_config_args, full_config, job, set_threads, shard_files
+from franca.stages.common import add_job_args, job, run_settings, shard_files, start
 
-KEPT = Path("data/dedup/kept.txt")
+log = logging.getLogger(__name__)
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser)
-    parser.add_argument("--out", required=True, help="output directory (checkpoint.pt, metrics.jsonl, provenance)")
+    add_job_args(parser)
     parser.add_argument("--init", default=None, help="checkpoint to start from (previous stage / resized teacher)")
-    if name == "pretrain":
-        parser.add_argument("--stage-index", type=int, default=1, help="1-based index into pretrain.stages")
-    parser.set_defaults(func=run_resize if name == "resize-pos-embed" else run_train, command=name)
+    if name == "resize-pos-embed":
+        parser.add_argument("--out", required=True, help="the resized teacher checkpoint")
+        parser.set_defaults(func=run_resize, command=name)
+        return
+    parser.add_argument("--out", required=True, help="output directory (checkpoint.pt, metrics.jsonl, provenance)")
+    parser.add_argument("--shards", required=True, help="shard directory of the training dataset")
+    parser.add_argument("--kept", default=None, help="dedup's kept.txt (keys to train on); all samples without it")
+    parser.set_defaults(func=run_train, command=name)
 
 
-def rolling_dir(out: Path) -> Path:
-    """Rolling checkpoints: results/<x> -> work/ckpt/<x>; never a declared output, so never deleted on failure."""
-    parts = out.resolve().relative_to(Path.cwd().resolve()).parts
-    return Path("work/ckpt", *(parts[1:] if parts and parts[0] == "results" else parts))
+def rolling_dir(root: str | Path, out: Path, identity: str) -> Path:
+    """``<root>/<out>/<identity[:16]>``; other identities' directories of the same output are stale and removed."""
+    base = Path(root) / Path(*[p for p in out.parts if p not in ("/", "..")])
+    if base.is_dir():
+        for stale in base.iterdir():
+            if stale.is_dir() and stale.name != identity[:16]:
+                log.info("removing rolling state of another job identity: %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    return base / identity[:16]
 
 
-def read_kept(path: Path = KEPT) -> set[str] | None:
-    if not path.exists():
+def read_kept(path: str | None) -> set[str] | None:
+    if path is None:
         return None
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from franca import config as fc
+    from franca.identity import job_identity
+    from franca.train.distributed import launcher_rank
     from franca.train.loop import train
 
-    set_threads(args)
-    cfg = full_config(args)
-    stage = args.command
-    sc = fc.stage_config(cfg, stage, getattr(args, "stage_index", 1))
-    shards = shard_files(f"data/{sc['data']['dataset']}/shards", sc["data"]["split"])
-    kept = read_kept()
-    out = Path(args.out)
-    inputs = [*shards, *([KEPT] if kept is not None else []), *([args.init] if args.init else [])]
-    tags = {"experiment": args.experiment, "seed": args.seed, "stage_index": getattr(args, "stage_index", "")}
-    with job(stage, args, sc, out, inputs, tags) as current:
+    sc, run = start(args), run_settings(args)
+    stage, out = args.command, Path(args.out)
+    shards = shard_files(args.shards, sc["data"]["split"])
+    inputs = [*shards, *([args.kept] if args.kept else []), *([args.init] if args.init else [])]
+    ckpt_dir = rolling_dir(run.get("rolling_dir", "work/ckpt"), out, job_identity(sc, inputs))
+    with job(stage, args, sc, out, inputs) as current:
         summary = train(
-            {**sc, "run": cfg["run"]},
+            {**sc, "run": run},
             shards=[str(s) for s in shards],
-            kept_keys=kept,
+            kept_keys=read_kept(args.kept),
             out_dir=out,
-            ckpt_dir=rolling_dir(out),
+            ckpt_dir=ckpt_dir,
             init_from=args.init,
             init_mode="backbone" if stage == "highres" else "full",
             log_fn=lambda step, metrics: current.log_metrics(metrics, step),
-            progress=bool(cfg["run"]["progress"]) and os.environ.get("FRANCA_PROGRESS", "1") != "0",
+            progress=bool(run.get("progress", False)),
         )
         current.outputs = [out / "checkpoint.pt", out / "metrics.jsonl"]
         current.extra["summary"] = {k: v for k, v in summary.items() if k != "last_metrics"}
         current.log_metrics({f"final_{k}": v for k, v in summary["last_metrics"].items()}, summary["iterations"])
+    if launcher_rank() == 0 and not run.get("keep_rolling", False):  # published: a rerun starts over
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return 0
 
 
 def run_resize(args: argparse.Namespace) -> int:
-    from franca import config as fc
     from franca.train.highres import resize_for_highres
 
-    cfg = full_config(args)
-    sc = fc.stage_config(cfg, "highres")
+    sc = start(args)
     out = Path(args.out)
-    with job("resize-pos-embed", args, sc["model"], out.parent, [args.init], {"experiment": args.experiment}) as cur:
+    with job("resize-pos-embed", args, sc["model"], out.parent, [args.init]) as cur:
         resize_for_highres(args.init, out, sc["crops"]["global_crops_size"], sc["model"]["patch_size"])
         cur.outputs = [out]
     return 0

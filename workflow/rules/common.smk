@@ -1,6 +1,8 @@
-# Helpers shared by the rules: config composition, file lists, the `franca` command line, hooks.
+# Helpers shared by the rules. Every job is handed its resolved config slice as a file input (work/config/, written
+# here when the DAG is built and only when its content changes: that file is the job's rerun trigger), its data as
+# {input}, its destination as {output} and its thread budget as {threads}. Each experiment's own config decides its
+# datasets, benchmarks and resources.
 import os
-import shlex
 
 from franca import config as fc
 from franca import workflow_hooks as hooks
@@ -9,41 +11,87 @@ from franca.plan import rule_resources
 PRESET = config["preset"]
 OVERRIDES = tuple(config.get("overrides", []))
 EXPERIMENTS = config["experiments"]
+CONFIGS = "work/config"
 os.environ.setdefault("FRANCA_TRACKING_URI", config.get("tracking_uri", "sqlite:///mlflow.db"))
 os.environ.setdefault("FRANCA_MLFLOW_EXPERIMENT", config.get("mlflow_experiment", "franca-repro"))
 
-
-def cfg(exp, seed=0):
-    """Full resolved config of one experiment x seed (cached; a bad key or value stops the run here)."""
-    return fc.compose(PRESET, exp, int(seed), OVERRIDES)
-
-
-BASE = cfg(next(iter(EXPERIMENTS)))
-DATASETS = fc.used_datasets(BASE)
 RUNS = [(exp, seed) for exp, spec in EXPERIMENTS.items() for seed in spec["seeds"]]
-for _exp, _seed in RUNS:
-    fc.validate(cfg(_exp, _seed))
+CFG = {(exp, seed): fc.compose(PRESET, exp, seed, OVERRIDES) for exp, seed in RUNS}  # a bad key stops the run here
+for _cfg in CFG.values():
+    fc.validate(_cfg)
 
 
-BENCHMARKS = list(BASE["eval"]["benchmarks"])
-DENSE = set(BASE["eval"]["dense_benchmarks"])
+def cfg(exp, seed=None):
+    """Resolved config of one experiment x seed (its first seed when none is given)."""
+    return CFG[(exp, int(seed) if seed is not None else EXPERIMENTS[exp]["seeds"][0])]
 
 
-def train_resources(stage):
-    """Resources of a training rule from its stage config (GPUs, nodes, runtime); read by the SLURM profile."""
-    return rule_resources(fc.stage_config(BASE, stage), stage)
+def _write_job_configs():
+    """work/config/<exp>/s<seed>/<job>.json, data/<dataset>.json, dedup/<dataset>.json for every run; a dataset or
+    dedup that two experiments configure differently is an error (give one of them another name)."""
+    owner = {}
+    for (exp, seed), full in CFG.items():
+        for path, obj in fc.job_files(full, CONFIGS, exp, seed).items():
+            if path in owner and owner[path][1] != obj:
+                raise fc.ConfigError(
+                    f"{path}: experiments {owner[path][0]!r} and {exp!r} configure it differently; give the dataset "
+                    "another name in one of them"
+                )
+            owner[path] = (exp, obj)
+    for path, (_, obj) in owner.items():
+        fc.write_slice(path, obj)
+    return sorted({p.stem for p in owner if p.parent.name == "data"})
+
+
+DATASETS = _write_job_configs()
+
+
+def job_config(name):
+    """The config file of a per-run job (`pretrain1`, `features`, `eval`, ...) as an input function."""
+    return lambda w: f"{CONFIGS}/{w.exp}/s{w.seed}/{name.format(**dict(w))}.json"
+
+
+def run_config(w):
+    return f"{CONFIGS}/{w.exp}/s{w.seed}/run.json"
+
+
+def _resources(stage, w):
+    full = cfg(w.exp, w.seed) if "exp" in w.keys() else cfg(*RUNS[0])
+    if stage in ("pretrain", "highres"):
+        return rule_resources(fc.stage_config(full, stage, int(w.get("stage", 1))), stage)
+    return rule_resources(full, stage)
+
+
+def resources_of(stage):
+    """Snakemake resources of a stage, per experiment (and per pretrain stage index); read by the SLURM profile."""
+    kinds = set()
+    for full in CFG.values():
+        sc = fc.stage_config(full, stage, 1) if stage in ("pretrain", "highres") else full
+        kinds.add(tuple(sorted(rule_resources(sc, stage))))
+    if len(kinds) > 1:
+        raise fc.ConfigError(f"the experiments need different kinds of resources for {stage}; run them separately")
+    return {key: (lambda w, key=key: _resources(stage, w)[key]) for key in kinds.pop()}
+
+
+def threads_of(stage):
+    """The job's thread budget: the CPUs its resources ask for (capped by --cores)."""
+    return lambda w: _resources(stage, w)["cpus_per_task"]
 
 
 def train_launcher(stage):
     """`franca`, `torchrun ... -m franca.cli` (one node, several processes) or `srun torchrun` (several nodes)."""
-    nodes, nproc = fc.launch_shape(fc.stage_config(BASE, stage))
-    if nodes == 1 and nproc == 1:
-        return "franca"
-    torchrun = f"torchrun --nnodes {nodes} --nproc_per_node {nproc}"
-    if nodes == 1:
-        return f"{torchrun} --standalone -m franca.cli"
-    rdzv = "--rdzv_backend c10d --rdzv_endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
-    return f"srun --ntasks-per-node 1 {torchrun} {rdzv} --rdzv_id $SLURM_JOB_ID -m franca.cli"
+
+    def get(w):
+        nodes, nproc = fc.launch_shape(fc.stage_config(cfg(w.exp, w.seed), stage, int(w.get("stage", 1))))
+        if nodes == 1 and nproc == 1:
+            return "franca"
+        torchrun = f"torchrun --nnodes {nodes} --nproc_per_node {nproc}"
+        if nodes == 1:
+            return f"{torchrun} --standalone -m franca.cli"
+        rdzv = "--rdzv_backend c10d --rdzv_endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500"
+        return f"srun --ntasks-per-node 1 {torchrun} {rdzv} --rdzv_id $SLURM_JOB_ID -m franca.cli"
+
+    return get
 
 
 def n_stages(exp):
@@ -64,34 +112,13 @@ def shard_dir(dataset):
     return f"data/{dataset}/shards"
 
 
-def dataset_of(role, exp="__base__"):
-    data = (BASE if exp == "__base__" else cfg(exp))["data"]
-    return data[role]["dataset"]
+def dedup_dir(w):
+    return f"data/dedup/{fc.dedup_dataset(cfg(w.exp, w.seed))}"
 
 
-def params_of(stage, index=None):
-    """Rule params: the stage's resolved config slice, so editing one YAML value reruns exactly what it affects."""
-
-    def get(wildcards):
-        wc = dict(wildcards)
-        full = cfg(wc.get("exp", next(iter(EXPERIMENTS))), wc.get("seed", 0))
-        idx = int(wc["stage"]) if index is None and "stage" in wc else (index or 1)
-        return fc.canonical_json(fc.stage_config(full, stage, idx))
-
-    return get
-
-
-def franca_args(wildcards):
-    """`--preset/--experiment/--seed/--override` so that the stage composes the same config as the DAG."""
-    wc = dict(wildcards)
-    args = fc.stage_args(PRESET, wc.get("exp", next(iter(EXPERIMENTS))), int(wc.get("seed", 0)), OVERRIDES)
-    return " ".join(shlex.quote(a) for a in args)
-
-
-# Every job runs `franca` from the environment that runs snakemake (shell: "FRANCA_RULE=<rule> franca ..."); the
-# rule name and the stage arguments become MLflow tags.
-TRAIN_LAUNCH = train_launcher("pretrain")
-HIGHRES_LAUNCH = train_launcher("highres")
+def tags(w):
+    """`--tag <wildcard>=<value> ...`: the job's MLflow tags besides `--tag rule={rule}`."""
+    return " ".join(f"--tag {k}={v}" for k, v in dict(w).items())
 
 
 def workflow_onstart():
@@ -109,43 +136,78 @@ def workflow_onerror():
 # --- input/output helpers of the rules ------------------------------------------------------------------
 
 
-def pretrain_inputs(wildcards):
-    stage = int(wildcards.stage)
-    inputs = {"kept": "data/dedup/kept.txt", "shards": shard_dir(dataset_of("pretrain", wildcards.exp))}
-    if stage > 1:
-        inputs["init"] = f"results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{stage - 1}/checkpoint.pt"
-    return inputs
+def dedup_inputs(w):
+    """Manifests and shards of the datasets that dedup `{dataset}` reads (its config names them)."""
+    full = next(c for c in CFG.values() if fc.dedup_dataset(c) == w.dataset)
+    names = fc.dedup_datasets(full)
+    return {
+        "config": f"{CONFIGS}/dedup/{w.dataset}.json",
+        "manifests": [f"data/{n}/manifest.parquet" for n in names],
+        "shards": [shard_dir(n) for n in names],
+    }
 
 
-def eval_shards(wildcards):
-    """Shards of the features job: the classification train set, its val/test set (`val_dataset` when given) and
-    the dense set (fc.eval_datasets), plus the RASA role's dataset."""
-    full = cfg(wildcards.exp)
-    names = set(fc.eval_datasets(full)) | {full["data"]["rasa"]["dataset"]}
-    return [shard_dir(name) for name in sorted(names)]
+def training_inputs(stage):
+    """Config, shards, kept.txt (when the stage trains on the deduplicated dataset) and the init checkpoint."""
 
-
-def eval_outputs(exp, seed, ckpt):
-    out = [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}.json" for bench in BENCHMARKS]
-    if EXPERIMENTS[exp]["rasa"]:
-        out += [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}_rasa.json" for bench in DENSE_LIST]
-    return out
-
-
-def eval_params(benches):
-    def get(wildcards):
-        full = cfg(wildcards.exp, wildcards.seed)
-        return fc.canonical_json({b: fc.stage_config(full, f"eval:{b}") for b in benches})
+    def get(w):
+        full = cfg(w.exp, w.seed)
+        index = int(w.stage) if stage == "pretrain" else 1
+        dataset = fc.stage_config(full, stage, index)["data"]["dataset"]
+        name = f"pretrain{index}" if stage == "pretrain" else stage
+        inputs = {"config": f"{CONFIGS}/{w.exp}/s{w.seed}/{name}.json", "shards": shard_dir(dataset)}
+        if dataset == fc.dedup_dataset(full):
+            inputs["kept"] = f"{dedup_dir(w)}/kept.txt"
+        if stage == "highres":
+            inputs["init"] = f"results/highres/{w.exp}/s{w.seed}/init/teacher_resized.pt"
+        elif index > 1:
+            inputs["init"] = f"results/pretrain/{w.exp}/s{w.seed}/stage{index - 1}/checkpoint.pt"
+        return inputs
 
     return get
 
 
-DENSE_LIST = [bench for bench in BENCHMARKS if bench in DENSE]
+def optional(flag, key):
+    """`--<flag> {input.<key>}` when the rule's input has that key, else nothing."""
+    return lambda w, input: f"--{flag} {input[key]}" if key in input.keys() else ""
+
+
+def eval_shards(w):
+    """Shard directories of the features job: the classification and dense datasets of its experiment."""
+    return {f"shards_{name}": shard_dir(name) for name in fc.eval_datasets(cfg(w.exp, w.seed))}
+
+
+def shards_args(w, input):
+    return " ".join(f"--shards {k[len('shards_'):]}={v}" for k, v in input.items() if k.startswith("shards_"))
+
+
+def benchmarks(exp, dense_only=False):
+    ev = cfg(exp)["eval"]
+    return [b for b in ev["benchmarks"] if not dense_only or b in ev["dense_benchmarks"]]
+
+
+def _eval_groups():
+    """[(benchmarks, experiments)] of the distinct benchmark lists (one evaluate rule each)."""
+    groups = {}
+    for exp in EXPERIMENTS:
+        groups.setdefault((tuple(benchmarks(exp)), tuple(benchmarks(exp, True))), []).append(exp)
+    return [(list(b), exps) for (b, _), exps in groups.items()], [list(d) for _, d in groups]
+
+
+EVAL_GROUPS, DENSE_BY_GROUP = _eval_groups()
+
+
+def eval_outputs(exp, seed, ckpt):
+    out = [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}.json" for bench in benchmarks(exp)]
+    if EXPERIMENTS[exp]["rasa"]:
+        out += [f"results/eval/{exp}/s{seed}/{ckpt}/{bench}_rasa.json" for bench in benchmarks(exp, dense_only=True)]
+    return out
 
 
 def paper_inputs(wildcards):
-    inputs = {"dedup": "data/dedup/report.json", "metrics": [], "evals": [], "rasa": [], "pca": []}
+    inputs = {"dedup": [], "metrics": [], "evals": [], "rasa": [], "pca": []}
     for exp, seed in RUNS:
+        inputs["dedup"].append(f"data/dedup/{fc.dedup_dataset(cfg(exp, seed))}/report.json")
         inputs["metrics"].append(f"results/pretrain/{exp}/s{seed}/stage{n_stages(exp)}/metrics.jsonl")
         for ckpt in checkpoint_kinds(exp):
             if ckpt == "highres":
@@ -154,4 +216,5 @@ def paper_inputs(wildcards):
             inputs["pca"].append(f"results/features/{exp}/s{seed}/{ckpt}/pca.pt")
             if EXPERIMENTS[exp]["rasa"]:
                 inputs["rasa"].append(f"results/rasa/{exp}/s{seed}/{ckpt}/report.json")
+    inputs["dedup"] = sorted(set(inputs["dedup"]))
     return inputs

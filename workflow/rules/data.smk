@@ -2,51 +2,62 @@
 
 
 rule fetch:
+    input:
+        config=f"{CONFIGS}/data/{{dataset}}.json",
     output:
         directory("data/{dataset}/raw"),
     params:
-        cfg=lambda w: fc.canonical_json(fc.dataset_config(BASE, w.dataset)),
-        args=franca_args,
+        tags=tags,
+    threads: threads_of("fetch")
+    resources:
+        **resources_of("fetch"),
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/fetch/{dataset}.log",
     shell:
-        "FRANCA_RULE=fetch franca data fetch --dataset {wildcards.dataset} --out {output} {params.args} 2> {log}"
+        "franca data fetch --config {input.config} --dataset {wildcards.dataset} --out {output} --threads {threads} "
+        "--tag rule={rule} {params.tags} 2> {log}"
 
 
 rule shard:
     input:
-        "data/{dataset}/raw",
+        config=f"{CONFIGS}/data/{{dataset}}.json",
+        raw="data/{dataset}/raw",
     output:
         shards=directory("data/{dataset}/shards"),
         manifest="data/{dataset}/manifest.parquet",
     params:
-        cfg=lambda w: fc.canonical_json(fc.dataset_config(BASE, w.dataset)),
-        args=franca_args,
+        tags=tags,
+    threads: threads_of("shard")
+    resources:
+        **resources_of("shard"),
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/shard/{dataset}.log",
     shell:
-        "FRANCA_RULE=shard franca data shard --dataset {wildcards.dataset} --raw {input} --out data/{wildcards.dataset} "
-        "{params.args} 2> {log}"
+        "franca data shard --config {input.config} --dataset {wildcards.dataset} --raw {input.raw} "
+        "--out data/{wildcards.dataset} --workers {threads} --threads {threads} --tag rule={rule} {params.tags} 2> {log}"
 
 
 rule dedup:
     input:
-        manifests=expand("data/{dataset}/manifest.parquet", dataset=DATASETS),
-        shards=expand("data/{dataset}/shards", dataset=DATASETS),
+        unpack(dedup_inputs),
     output:
-        kept="data/dedup/kept.txt",
-        report="data/dedup/report.json",
-        card="data/dedup/datacard.md",
+        kept="data/dedup/{dataset}/kept.txt",
+        report="data/dedup/{dataset}/report.json",
+        card="data/dedup/{dataset}/datacard.md",
     params:
-        cfg=lambda w: fc.canonical_json(BASE["data"]["dedup"]),
-        args=franca_args,
+        manifests=lambda w, input: " ".join(f"--manifest {p.split('/')[1]}={p}" for p in input.manifests),
+        tags=tags,
+    threads: threads_of("dedup")
+    resources:
+        **resources_of("dedup"),
     conda:
         "../../envs/franca.yaml"
     log:
-        "logs/dedup.log",
+        "logs/dedup/{dataset}.log",
     shell:
-        "FRANCA_RULE=dedup franca data dedup --out data/dedup {params.args} 2> {log}"
+        "franca data dedup --config {input.config} {params.manifests} --out data/dedup/{wildcards.dataset} "
+        "--threads {threads} --tag rule={rule} {params.tags} 2> {log}"

@@ -4,12 +4,12 @@
 
 rule highres_resize:
     input:
-        lambda w: checkpoint_path(w.exp, w.seed, "pretrain"),
+        config=job_config("highres"),
+        ckpt=lambda w: checkpoint_path(w.exp, w.seed, "pretrain"),
     output:
         "results/highres/{exp}/s{seed}/init/teacher_resized.pt",
     params:
-        cfg=params_of("highres"),
-        args=franca_args,
+        tags=tags,
     wildcard_constraints:
         seed=r"\d+",
     conda:
@@ -17,30 +17,32 @@ rule highres_resize:
     log:
         "logs/highres/{exp}/s{seed}.resize.log",
     shell:
-        "FRANCA_RULE=highres_resize franca resize-pos-embed --init {input} --out {output} {params.args} 2> {log}"
+        "franca resize-pos-embed --config {input.config} --init {input.ckpt} --out {output} --threads {threads} "
+        "--tag rule={rule} {params.tags} 2> {log}"
 
 
 rule highres:
     input:
-        init="results/highres/{exp}/s{seed}/init/teacher_resized.pt",
-        kept="data/dedup/kept.txt",
-        shards=lambda w: shard_dir(dataset_of("highres", w.exp)),
+        unpack(training_inputs("highres")),
     output:
         ckpt="results/highres/{exp}/s{seed}/checkpoint.pt",
         metrics="results/highres/{exp}/s{seed}/metrics.jsonl",
     params:
-        cfg=params_of("highres"),
-        args=franca_args,
-        launch=HIGHRES_LAUNCH,
+        run=run_config,
+        kept=optional("kept", "kept"),
+        launch=train_launcher("highres"),
+        out=lambda w, output: os.path.dirname(output.ckpt),
+        tags=tags,
     wildcard_constraints:
         seed=r"\d+",
-    threads: 1
+    threads: threads_of("highres")
     resources:
-        **train_resources("highres"),
+        **resources_of("highres"),
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/highres/{exp}/s{seed}.log",
     shell:
-        "FRANCA_RULE=highres {params.launch} highres --init {input.init} "
-        "--out results/highres/{wildcards.exp}/s{wildcards.seed} {params.args} 2> {log}"
+        "{params.launch} highres --config {input.config} --run-config {params.run} --shards {input.shards} "
+        "{params.kept} --init {input.init} --out {params.out} --threads {threads} --tag rule={rule} {params.tags} "
+        "2> {log}"

@@ -15,11 +15,11 @@ rule paper:
     params:
         experiments=lambda w: fc.canonical_json(EXPERIMENTS),
         preset=PRESET,
-        dense=BASE["data"]["dense"]["dataset"],
+        dense=cfg(*RUNS[0])["data"]["dense"]["dataset"],
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/paper.log",
     shell:
-        "FRANCA_RULE=paper franca paper --results results --out results/paper --preset {params.preset} "
+        "franca paper --results results --out results/paper --preset {params.preset} "
         "--experiments '{params.experiments}' --dense-dataset {params.dense} 2> {log}"

@@ -1,28 +1,30 @@
 # Pretraining (franca/train): a list of stages; stage i>1 starts from stage i-1's weights. Rolling checkpoints live
-# in work/ckpt/, which Snakemake never deletes, so a killed job rerun with the same command resumes.
+# in work/ckpt/<output>/<job identity>/, which Snakemake never deletes: a killed job rerun with the same inputs resumes.
 
 
 rule pretrain:
     input:
-        unpack(pretrain_inputs),
+        unpack(training_inputs("pretrain")),
     output:
         ckpt="results/pretrain/{exp}/s{seed}/stage{stage}/checkpoint.pt",
         metrics="results/pretrain/{exp}/s{seed}/stage{stage}/metrics.jsonl",
     params:
-        cfg=params_of("pretrain"),
-        args=franca_args,
-        init=lambda w, input: f"--init {input.init}" if "init" in input.keys() else "",
-        launch=TRAIN_LAUNCH,
+        run=run_config,
+        init=optional("init", "init"),
+        kept=optional("kept", "kept"),
+        launch=train_launcher("pretrain"),
+        out=lambda w, output: os.path.dirname(output.ckpt),
+        tags=tags,
     wildcard_constraints:
         stage=r"\d+",
         seed=r"\d+",
-    threads: 1
+    threads: threads_of("pretrain")
     resources:
-        **train_resources("pretrain"),
+        **resources_of("pretrain"),
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/pretrain/{exp}/s{seed}/stage{stage}.log",
     shell:
-        "FRANCA_RULE=pretrain {params.launch} pretrain --stage-index {wildcards.stage} {params.init} "
-        "--out results/pretrain/{wildcards.exp}/s{wildcards.seed}/stage{wildcards.stage} {params.args} 2> {log}"
+        "{params.launch} pretrain --config {input.config} --run-config {params.run} --shards {input.shards} "
+        "{params.kept} {params.init} --out {params.out} --threads {threads} --tag rule={rule} {params.tags} 2> {log}"

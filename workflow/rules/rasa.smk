@@ -1,48 +1,55 @@
 # Evaluation features of a frozen checkpoint (cached once and kept, so that editing one benchmark reruns only
-# that benchmark, and the audit can re-hash them), and RASA positional debiasing (spec 5).
+# that benchmark, and the audit can re-hash them), and RASA positional debiasing (spec 5) on the cached tokens.
 
 
 rule features:
     input:
+        unpack(eval_shards),
+        config=job_config("features"),
         ckpt=lambda w: checkpoint_path(w.exp, w.seed, w.ckpt),
-        shards=eval_shards,
     output:
         features="results/features/{exp}/s{seed}/{ckpt}/features.pt",
         pca="results/features/{exp}/s{seed}/{ckpt}/pca.pt",
     params:
-        cfg=params_of("features"),
-        args=franca_args,
+        shards=shards_args,
+        out=lambda w, output: os.path.dirname(output.features),
+        tags=tags,
     wildcard_constraints:
         seed=r"\d+",
         ckpt="pretrain|highres",
-    threads: 1
+    threads: threads_of("features")
+    resources:
+        **resources_of("features"),
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/features/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "FRANCA_RULE=features franca features --checkpoint {input.ckpt} --ckpt-kind {wildcards.ckpt} "
-        "--out results/features/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
+        "franca features --config {input.config} --checkpoint {input.ckpt} {params.shards} --out {params.out} "
+        "--threads {threads} --tag rule={rule} {params.tags} 2> {log}"
 
 
 rule rasa:
     input:
+        config=job_config("rasa"),
         features="results/features/{exp}/s{seed}/{ckpt}/features.pt",
         ckpt=lambda w: checkpoint_path(w.exp, w.seed, w.ckpt),
     output:
         head="results/rasa/{exp}/s{seed}/{ckpt}/rasa_head.pt",
         report="results/rasa/{exp}/s{seed}/{ckpt}/report.json",
     params:
-        cfg=params_of("rasa"),
-        args=franca_args,
+        out=lambda w, output: os.path.dirname(output.head),
+        tags=tags,
     wildcard_constraints:
         seed=r"\d+",
         ckpt="pretrain|highres",
-    threads: 1
+    threads: threads_of("rasa")
+    resources:
+        **resources_of("rasa"),
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/rasa/{exp}/s{seed}/{ckpt}.log",
     shell:
-        "FRANCA_RULE=rasa franca rasa --features {input.features} --checkpoint {input.ckpt} "
-        "--out results/rasa/{wildcards.exp}/s{wildcards.seed}/{wildcards.ckpt} {params.args} 2> {log}"
+        "franca rasa --config {input.config} --features {input.features} --checkpoint {input.ckpt} "
+        "--out {params.out} --threads {threads} --tag rule={rule} {params.tags} 2> {log}"
