@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -194,20 +195,22 @@ def job_files(cfg: Mapping, root: str | Path, experiment: str, seed: int) -> dic
 
 
 def write_slice(path: str | Path, obj: Any) -> Path:
-    """Write a job's config file (canonical JSON) only when its content changes, so that its mtime is the rerun
-    trigger of the jobs that read it. A new file gets mtime 0: it carries no news (a fresh clone or a deleted
-    work/ recreates the same text; `franca restore` checks restored results against it)."""
+    """Write a job's config file, content-addressed: ``<stem>-<sha256[:12]>.json`` beside ``path``; returns its path.
+
+    A file is never rewritten, so a dry run with other overrides, or a second invocation, cannot change what a
+    running job reads. A change of content is a new input path, which Snakemake's input trigger reruns. New files
+    get mtime 0: a recreated file (fresh clone, deleted work/) carries no news by its time alone.
+    """
     path, text = Path(path), canonical_json(obj) + "\n"
-    if path.is_file() and path.read_text() == text:
-        return path
-    existed = path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    target = path.with_name(f"{path.stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}{path.suffix}")
+    if target.is_file() and target.read_text() == text:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     tmp.write_text(text)
-    os.replace(tmp, path)
-    if not existed:
-        os.utime(path, ns=(0, 0))
-    return path
+    os.utime(tmp, ns=(0, 0))
+    os.replace(tmp, target)
+    return target
 
 
 def read_slice(path: str | Path) -> dict[str, Any]:

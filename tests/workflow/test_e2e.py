@@ -7,6 +7,7 @@ config rejection against it. Slow (minutes on 2 cores); CI runs it.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -68,6 +69,35 @@ def test_one_yaml_edit_reruns_only_affected_stages(run):
         path.write_text(original)
     n_ckpts = sum(len(s["seeds"]) * (2 if s["highres"] else 1) for s in _experiments(repo).values())
     assert jobs == {"evaluate": n_ckpts, "paper": 1, "all": 1}  # features, rasa, evaluate_rasa untouched
+
+
+@pytest.mark.parametrize("how", ["config", "configfile"])
+def test_one_eval_override_reruns_only_the_eval_jobs(run, how, tmp_path):
+    """An override of one eval key, in `overrides:` (--config) or in a YAML file (--configfile), reruns only the
+    jobs whose config file holds it: the evaluate jobs and the paper, never fetch, training or features."""
+    repo = run["repo"]
+    if how == "config":
+        jobs = dry_run_jobs(repo, "--config", 'overrides=["eval.knn.temperature=0.1"]')
+    else:
+        extra = tmp_path / "my.yaml"
+        extra.write_text('overrides: ["eval.knn.temperature=0.1"]\n')
+        jobs = dry_run_jobs(repo, f"--configfile={extra}")
+    n_ckpts = sum(len(s["seeds"]) * (2 if s["highres"] else 1) for s in _experiments(repo).values())
+    assert jobs == {"evaluate": n_ckpts, "paper": 1, "all": 1}
+
+
+def test_job_command_from_its_log_reproduces_its_output(run, tmp_path):
+    """The first line of every job log is its command; pasted into a shell (outputs elsewhere) it gives the same
+    result."""
+    repo = run["repo"]
+    log = (repo / "logs/eval/franca/s0/pretrain.log").read_text()
+    command = re.search(r"INFO franca: command: (.*)$", log, re.M).group(1)
+    assert "--config work/config/franca/s0/eval.json" in command and "--threads" in command
+    redo = command.replace("--out-dir results/eval/franca/s0/pretrain", f"--out-dir {tmp_path}")
+    sh(["bash", "-c", redo], repo)
+    for bench in ("knn", "linear", "position_probe"):
+        ours = json.loads((tmp_path / f"{bench}.json").read_text())["metrics"]
+        assert ours == json.loads((repo / f"results/eval/franca/s0/pretrain/{bench}.json").read_text())["metrics"]
 
 
 def test_mlflow_parent_with_one_child_per_job(run):
@@ -143,3 +173,30 @@ def _experiments(repo: Path) -> dict:
     import yaml
 
     return yaml.safe_load((repo / "config/config.yaml").read_text())["experiments"]
+
+
+def test_forced_rerun_of_a_finished_pretrain_job_starts_at_iteration_zero(run):
+    """`snakemake --forcerun` of one finished pretrain job trains from iteration 0 (its rolling state was removed
+    when it finished) and gives the checkpoint of the original run. Last in this module: it leaves the tree stale."""
+    repo = run["repo"]
+    target = "results/pretrain/dinov2/s0/stage1/checkpoint.pt"
+    before = torch_weights(repo / target)
+    assert not list((repo / "work/ckpt").rglob("ckpt-*.pt")), "finished jobs left rolling checkpoints behind"
+    sh(["snakemake", "--cores", "2", "--force", target], repo)
+    summary = json.loads((repo / "results/pretrain/dinov2/s0/stage1/provenance.json").read_text())["summary"]
+    assert summary["start_iteration"] == 0 and summary["resumed_from"] is None
+    after = torch_weights(repo / target)
+    assert [k for k in before if not torch_equal(before[k], after[k])] == []
+
+
+def torch_weights(path: Path) -> dict:
+    from franca.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    return {f"{tree}.{k}": v for tree in ("student", "teacher") for k, v in ckpt[tree].items()}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

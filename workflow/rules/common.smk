@@ -3,6 +3,7 @@
 # {input}, its destination as {output} and its thread budget as {threads}. Each experiment's own config decides its
 # datasets, benchmarks and resources.
 import os
+from pathlib import Path
 
 from franca import config as fc
 from franca import workflow_hooks as hooks
@@ -16,7 +17,8 @@ os.environ.setdefault("FRANCA_TRACKING_URI", config.get("tracking_uri", "sqlite:
 os.environ.setdefault("FRANCA_MLFLOW_EXPERIMENT", config.get("mlflow_experiment", "franca-repro"))
 
 RUNS = [(exp, seed) for exp, spec in EXPERIMENTS.items() for seed in spec["seeds"]]
-CFG = {(exp, seed): fc.compose(PRESET, exp, seed, OVERRIDES) for exp, seed in RUNS}  # a bad key stops the run here
+# a bad key stops the run here; an experiment's own `overrides` apply after the global ones
+CFG = {(e, s): fc.compose(PRESET, e, s, OVERRIDES + tuple(EXPERIMENTS[e].get("overrides", []))) for e, s in RUNS}
 for _cfg in CFG.values():
     fc.validate(_cfg)
 
@@ -27,8 +29,9 @@ def cfg(exp, seed=None):
 
 
 def _write_job_configs():
-    """work/config/<exp>/s<seed>/<job>.json, data/<dataset>.json, dedup/<dataset>.json for every run; a dataset or
-    dedup that two experiments configure differently is an error (give one of them another name)."""
+    """{work/config/<exp>/s<seed>/<job>.json | data/<dataset>.json | dedup/<dataset>.json: written path} for every
+    run (content-addressed files, franca.config.write_slice); a dataset or dedup that two experiments configure
+    differently is an error (give one of them another name)."""
     owner = {}
     for (exp, seed), full in CFG.items():
         for path, obj in fc.job_files(full, CONFIGS, exp, seed).items():
@@ -38,21 +41,25 @@ def _write_job_configs():
                     "another name in one of them"
                 )
             owner[path] = (exp, obj)
-    for path, (_, obj) in owner.items():
-        fc.write_slice(path, obj)
-    return sorted({p.stem for p in owner if p.parent.name == "data"})
+    return {str(path): str(fc.write_slice(path, obj)) for path, (_, obj) in owner.items()}
 
 
-DATASETS = _write_job_configs()
+JOB_CONFIGS = _write_job_configs()
+DATASETS = sorted({Path(p).stem for p in JOB_CONFIGS if Path(p).parent.name == "data"})
+
+
+def config_file(path):
+    """The written (content-addressed) config file of a job, by its plain name under work/config/."""
+    return JOB_CONFIGS[path]
 
 
 def job_config(name):
-    """The config file of a per-run job (`pretrain1`, `features`, `eval`, ...) as an input function."""
-    return lambda w: f"{CONFIGS}/{w.exp}/s{w.seed}/{name.format(**dict(w))}.json"
+    """The config file of a per-run job (`eval`, `features`, ...) as an input function."""
+    return lambda w: config_file(f"{CONFIGS}/{w.exp}/s{w.seed}/{name}.json")
 
 
 def run_config(w):
-    return f"{CONFIGS}/{w.exp}/s{w.seed}/run.json"
+    return config_file(f"{CONFIGS}/{w.exp}/s{w.seed}/run.json")
 
 
 def _resources(stage, w):
@@ -141,7 +148,7 @@ def dedup_inputs(w):
     full = next(c for c in CFG.values() if fc.dedup_dataset(c) == w.dataset)
     names = fc.dedup_datasets(full)
     return {
-        "config": f"{CONFIGS}/dedup/{w.dataset}.json",
+        "config": config_file(f"{CONFIGS}/dedup/{w.dataset}.json"),
         "manifests": [f"data/{n}/manifest.parquet" for n in names],
         "shards": [shard_dir(n) for n in names],
     }
@@ -155,7 +162,7 @@ def training_inputs(stage):
         index = int(w.stage) if stage == "pretrain" else 1
         dataset = fc.stage_config(full, stage, index)["data"]["dataset"]
         name = f"pretrain{index}" if stage == "pretrain" else stage
-        inputs = {"config": f"{CONFIGS}/{w.exp}/s{w.seed}/{name}.json", "shards": shard_dir(dataset)}
+        inputs = {"config": config_file(f"{CONFIGS}/{w.exp}/s{w.seed}/{name}.json"), "shards": shard_dir(dataset)}
         if dataset == fc.dedup_dataset(full):
             inputs["kept"] = f"{dedup_dir(w)}/kept.txt"
         if stage == "highres":

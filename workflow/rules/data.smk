@@ -3,7 +3,7 @@
 
 rule fetch:
     input:
-        config=f"{CONFIGS}/data/{{dataset}}.json",
+        config=lambda w: config_file(f"{CONFIGS}/data/{w.dataset}.json"),
     output:
         directory("data/{dataset}/raw"),
     params:
@@ -22,7 +22,7 @@ rule fetch:
 
 rule shard:
     input:
-        config=f"{CONFIGS}/data/{{dataset}}.json",
+        config=lambda w: config_file(f"{CONFIGS}/data/{w.dataset}.json"),
         raw="data/{dataset}/raw",
     output:
         shards=directory("data/{dataset}/shards"),
