@@ -42,6 +42,11 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     return fc.read_slice(args.run_config) if args.run_config else {}
 
 
+def add_pairs_arg(parser: argparse.ArgumentParser, flag: str, value: str, help_text: str) -> None:
+    """A repeatable ``--flag DATASET=<value>`` argument (read with :func:`parse_pairs`)."""
+    parser.add_argument(flag, action="append", required=True, metavar=f"DATASET={value}", help=help_text)
+
+
 def parse_pairs(pairs: Iterable[str], what: str) -> dict[str, str]:
     """["k=v", ...] -> {k: v}; a pair without "=" names itself in the error."""
     out = {}

@@ -11,7 +11,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from franca.stages.common import add_job_args, job, parse_pairs, start
+from franca.stages.common import add_job_args, add_pairs_arg, job, parse_pairs, start
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -25,13 +25,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     shard.add_argument("--out", required=True)
     shard.add_argument("--workers", type=int, default=1)
     dedup = sub.add_parser("dedup", help="exact, near and eval-copy duplicates -> kept keys, report, data card")
-    dedup.add_argument(
-        "--manifest",
-        action="append",
-        required=True,
-        metavar="DATASET=PATH",
-        help="manifest of each dataset the dedup config names (repeatable)",
-    )
+    add_pairs_arg(dedup, "--manifest", "PATH", "manifest of each dataset the dedup config names (repeatable)")
     dedup.add_argument("--out", required=True, help="directory of kept.txt, report.json, datacard.md")
     for child, func in ((fetch, run_fetch), (shard, run_shard), (dedup, run_dedup)):
         add_job_args(child)

@@ -13,20 +13,14 @@ import json
 from pathlib import Path
 
 from franca.eval.run import BENCHMARKS
-from franca.stages.common import add_job_args, job, parse_pairs, shard_files, start
+from franca.stages.common import add_job_args, add_pairs_arg, job, parse_pairs, shard_files, start
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     add_job_args(parser)
     if name == "features":
         parser.add_argument("--checkpoint", required=True)
-        parser.add_argument(
-            "--shards",
-            action="append",
-            required=True,
-            metavar="DATASET=DIR",
-            help="shard directory of each dataset the config's splits name (repeatable)",
-        )
+        add_pairs_arg(parser, "--shards", "DIR", "shard directory of each dataset the config's splits name")
         parser.add_argument("--out", required=True, help="directory of features.pt and pca.pt")
         parser.set_defaults(func=run_features)
     elif name == "rasa":

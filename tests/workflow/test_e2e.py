@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
 
 def sh(cmd: list[str], cwd: Path, timeout: int = 1500, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "FRANCA_PROGRESS": "0"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("FRANCA_TRACKING", None)
     return repo_copy.run(cmd, cwd, env, timeout, check)
 
