@@ -46,21 +46,24 @@ class ConfigError(ValueError):
 
 def compose(preset: str, experiment: str, seed: int = 0, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Full resolved config (plain dict) for one preset x experiment x seed."""
-    return copy.deepcopy(_compose_cached(str(config_dir()), preset, experiment, int(seed), tuple(overrides)))
+    cfg = copy.deepcopy(_compose_cached(str(config_dir()), preset, experiment, tuple(overrides)))
+    if not any(o.split("=", 1)[0].lstrip("+~") == "seed" for o in overrides):
+        cfg.seed = int(seed)  # seeds of one experiment share a composition; `${seed}` resolves below
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
-@functools.lru_cache(maxsize=256)
-def _compose_cached(cdir: str, preset: str, experiment: str, seed: int, overrides: tuple[str, ...]) -> dict[str, Any]:
-    args = [f"preset={preset}", f"experiment={experiment}", f"seed={seed}", *overrides]
+@functools.lru_cache(maxsize=64)
+def _compose_cached(cdir: str, preset: str, experiment: str, overrides: tuple[str, ...]):
+    """The unresolved composition (DictConfig); every seed of an experiment resolves its own copy."""
+    args = [f"preset={preset}", f"experiment={experiment}", *overrides]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=cdir, version_base="1.3"):
-            cfg = hydra_compose(config_name=PRIMARY, overrides=args)
+            return hydra_compose(config_name=PRIMARY, overrides=args)
     except Exception as err:  # hydra raises several types; all mean a bad override or group option
         raise ConfigError(f"cannot compose config with overrides {args}: {err}") from err
     finally:
         GlobalHydra.instance().clear()
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def merge(base: Mapping, override: Mapping) -> dict:
