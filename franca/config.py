@@ -66,6 +66,38 @@ def _compose_cached(cdir: str, preset: str, experiment: str, overrides: tuple[st
         GlobalHydra.instance().clear()
 
 
+def compose_validated(
+    preset: str, experiment: str, seed: int, overrides: Sequence[str], cache_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """compose() + validate(); with ``cache_dir``, the result is kept there keyed by the sha256 of everything it
+    depends on (every file of the config dir, the method schema, this module, the arguments), so a no-op dry run
+    of the workflow reads JSON instead of composing with Hydra again."""
+    if cache_dir is None:
+        cfg = compose(preset, experiment, seed, overrides)
+        validate(cfg)
+        return cfg
+    key = hashlib.sha256(_inputs_digest().encode())
+    key.update(canonical_json([preset, experiment, int(seed), list(overrides)]).encode())
+    path = Path(cache_dir) / f"{key.hexdigest()[:32]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = compose_validated(preset, experiment, seed, overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cfg))
+    os.replace(tmp, path)
+    return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _inputs_digest() -> str:
+    files = sorted(p for p in config_dir().rglob("*") if p.is_file()) + [_schema_path(), Path(__file__)]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def merge(base: Mapping, override: Mapping) -> dict:
     """Recursive dict merge; `override` wins. Neither input is modified."""
     out = copy.deepcopy(dict(base))
@@ -224,15 +256,18 @@ def read_slice(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read the job config {path}: {err}") from err
 
 
+def _schema_path() -> Path:
+    rel_path = Path("workflow", "schemas", "method.schema.yaml")
+    path = config_dir().parent / rel_path
+    return path if path.exists() else Path(__file__).resolve().parent.parent / rel_path
+
+
 def validate(cfg: Mapping) -> None:
     """Check a composed config against workflow/schemas/method.schema.yaml plus cross-key rules."""
     import jsonschema
     import yaml
 
-    rel_path = Path("workflow", "schemas", "method.schema.yaml")
-    path = config_dir().parent / rel_path
-    path = path if path.exists() else Path(__file__).resolve().parent.parent / rel_path
-    schema = yaml.safe_load(path.read_text())
+    schema = yaml.safe_load(_schema_path().read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
         where = ".".join(str(p) for p in errors[0].absolute_path) or "<root>"

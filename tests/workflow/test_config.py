@@ -125,3 +125,26 @@ def test_seeds_share_one_composition_but_resolve_their_own_seed():
         got = fc.compose("tiny", "dinov2", seed, extra)
         ref = fc.compose("tiny", "dinov2", 99, (*extra, f"seed={seed}"))  # an explicit seed override wins
         assert got == ref and got["probe"]["seed_copy"] == seed
+
+
+def test_compose_cache_is_keyed_by_every_config_file(tmp_path, monkeypatch):
+    """The workflow's on-disk composition cache returns the same config as a fresh composition, and any edit of a
+    config file (here one eval value) is a new key."""
+    import shutil
+
+    cdir = tmp_path / "config"
+    shutil.copytree(fc.config_dir(), cdir)
+    monkeypatch.setenv("FRANCA_CONFIG_DIR", str(cdir))
+    fc._inputs_digest.cache_clear()
+    cache = tmp_path / "cache"
+    fresh = fc.compose("tiny", "franca", 1)
+    assert fc.compose_validated("tiny", "franca", 1, (), cache) == fresh
+    assert fc.compose_validated("tiny", "franca", 1, (), cache) == fresh  # read back from the cache
+    assert len(list(cache.glob("*.json"))) == 1
+    text = (cdir / "eval" / "tiny.yaml").read_text()
+    (cdir / "eval" / "tiny.yaml").write_text(text.replace("temperature: 0.07", "temperature: 0.1"))
+    fc._inputs_digest.cache_clear()  # one digest per process: the workflow composes once per invocation
+    fc._compose_cached.cache_clear()
+    edited = fc.compose_validated("tiny", "franca", 1, (), cache)
+    assert edited["eval"]["knn"]["temperature"] == 0.1 and len(list(cache.glob("*.json"))) == 2
+    fc._inputs_digest.cache_clear()

@@ -18,9 +18,10 @@ os.environ.setdefault("FRANCA_MLFLOW_EXPERIMENT", config.get("mlflow_experiment"
 
 RUNS = [(exp, seed) for exp, spec in EXPERIMENTS.items() for seed in spec["seeds"]]
 # a bad key stops the run here; an experiment's own `overrides` apply after the global ones
-CFG = {(e, s): fc.compose(PRESET, e, s, OVERRIDES + tuple(EXPERIMENTS[e].get("overrides", []))) for e, s in RUNS}
-for _cfg in CFG.values():
-    fc.validate(_cfg)
+CFG = {
+    (e, s): fc.compose_validated(PRESET, e, s, OVERRIDES + tuple(EXPERIMENTS[e].get("overrides", [])), CONFIGS + "/composed")
+    for e, s in RUNS
+}
 
 
 def cfg(exp, seed=None):
