@@ -32,6 +32,7 @@ class AuditReport:
     sources: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)  # path -> role, resolved once the walk is done
 
 
 def audit(path: str | Path) -> AuditReport:
@@ -43,6 +44,12 @@ def audit(path: str | Path) -> AuditReport:
         report.problems.append(f"{path}: no provenance.json lists it as an output")
         return report
     _walk(Path(record), report, depth=0)
+    not_kept = provenance.unversioned(report.missing)  # raw downloads: DVC does not version them
+    for missing, role in report.missing.items():
+        if missing in not_kept:
+            report.lines.append(f"not kept: {missing} ({role}; a raw download DVC does not version)")
+        else:
+            report.problems.append(f"{missing} ({role}) is missing")
     return report
 
 
@@ -67,10 +74,12 @@ def _walk(record_path: Path, report: AuditReport, depth: int) -> None:
     producers: dict[str, None] = {}
     for inp, rec in record["inputs"].items():
         _verify(inp, rec["sha256"], f"input of {key}", report)
-        producer = provenance.find_record(inp) if Path(inp).exists() else None
-        if producer is None and (record["stage"] in SOURCE_STAGES or inp in _git_files(str(Path.cwd()))):
+        producer = provenance.find_record(inp)  # also for a missing input: its producer's record is walked
+        if producer is None and (
+            record["stage"] in SOURCE_STAGES or provenance.is_record(inp) or inp in _git_files(str(Path.cwd()))
+        ):
             report.lines.append(f"{indent}  external input: {inp} sha256 {rec['sha256'][:16]}")
-        elif producer is None and Path(inp).exists():
+        elif producer is None:
             report.problems.append(
                 f"{inp} (input of {key}) has no provenance record: the provenance.json of the stage that produced it "
                 "is missing"
@@ -83,7 +92,7 @@ def _walk(record_path: Path, report: AuditReport, depth: int) -> None:
 
 def _verify(path: str, expected: str, role: str, report: AuditReport) -> None:
     if not Path(path).exists():
-        report.problems.append(f"{path} ({role}) is missing")
+        report.missing[path] = role
         return
     actual = provenance.sha256_file(path)
     report.files_verified += 1

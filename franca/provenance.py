@@ -146,6 +146,16 @@ def _save_source_hashes(source: Path, records: Mapping[str, Mapping]) -> None:
     atomic_write_text(_source_cache(source), json.dumps(own, sort_keys=True))
 
 
+def unversioned(paths: Iterable[str]) -> set[str]:
+    """Those of `paths` that DVC does not version (.dvcignore: raw downloads), by `dvc check-ignore`; a missing file
+    among them is expected in a restored clone."""
+    paths = sorted(paths)
+    if not paths or not Path(".dvcignore").is_file():
+        return set()
+    result = subprocess.run(["dvc", "check-ignore", *paths], capture_output=True, text=True, check=False)
+    return set(result.stdout.split()) & set(paths)
+
+
 def code_version() -> dict[str, Any]:
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
@@ -182,9 +192,10 @@ def write(
     """Write `out_dir/<name>` atomically (`provenance.json`, or `<stem>.provenance.json` for one of several jobs
     sharing a directory) and return its path."""
     input_args = [Path(p) for p in inputs]
-    input_files = expand(input_args)
+    input_files = [p for p in expand(input_args) if not is_record(p)]  # records are walked, not hashed
     known = _known_hashes(input_files)
-    sources = [a for a in input_args if any(rel(f) not in known for f in expand([a]))]  # no record produced them
+    # sources: inputs that no record produced (a URL list, an image folder)
+    sources = [a for a in input_args if any(rel(f) not in known for f in expand([a]) if not is_record(f))]
     for source in sources:
         known.update(_load_source_hashes(source))
     input_records = {rel(p): file_record(p, known) for p in input_files}

@@ -60,10 +60,13 @@ def verify_records(recs: dict[str, dict]) -> None:
     """Every record's outputs hash as recorded, and every consumer recorded the current hash of each input that
     another record produced; else RestoreError naming each file (nothing has been touched yet)."""
     problems, current = [], {}
+    missing = {out for rec in recs.values() for out in rec["outputs"] if not Path(out).is_file()}
+    not_kept = provenance.unversioned(missing)  # raw downloads, not in DVC: absent after a pull
     for key, rec in recs.items():
         for out, expected in rec["outputs"].items():
-            if not Path(out).is_file():
-                problems.append(f"{out}: missing (output of {key})")
+            if out in missing:
+                if out not in not_kept:
+                    problems.append(f"{out}: missing (output of {key})")
                 continue
             current[out] = provenance.sha256_file(out)
             if current[out] != expected["sha256"]:
@@ -89,8 +92,9 @@ def restore_times(roots: list[str | Path], verify: bool = True) -> int:
     for key, level in sorted(depths(recs).items(), key=lambda kv: kv[1]):
         stamp = base + 10 * level
         for out in recs[key]["outputs"]:
-            os.utime(out, (stamp, stamp))
-            touched += 1
+            if Path(out).is_file():  # else a raw download DVC does not keep (checked by verify_records)
+                os.utime(out, (stamp, stamp))
+                touched += 1
         for marker in [Path(key), *_markers(Path(key).parent, recs[key]["outputs"])]:
             os.utime(marker, (stamp + 1, stamp + 1))
             touched += 1
