@@ -98,10 +98,12 @@ def test_audit_verifies_and_catches_tampering(run):
     assert "fetch" in ok.stdout and "sources" in ok.stdout
     ckpt = repo / "results/pretrain/franca/s0/stage1/checkpoint.pt"
     original, stat = ckpt.read_bytes(), ckpt.stat()
-    try:
+    try:  # unlink first: the file is a read-only link into the DVC cache, which must stay intact
+        ckpt.unlink()
         ckpt.write_bytes(original[:-8] + b"tampered")
         bad = sh(["franca", "audit", "results/paper/main.csv"], repo, check=False)
     finally:
+        ckpt.unlink()
         ckpt.write_bytes(original)
         os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # leave the tree as the other tests expect
     assert bad.returncode == 1 and "results/pretrain/franca/s0/stage1/checkpoint.pt" in bad.stderr
