@@ -143,17 +143,23 @@ def experiment_id(mlflow, ensure_tags: bool = False) -> str:
     return exp.experiment_id
 
 
-def check_artifact_uri(uri: str, owner: str) -> Path:
-    """The local directory of artifact URI `uri`, which must lie under the artifact root."""
-    parsed = urlparse(uri)
-    root = artifact_root().resolve()
-    path = Path(unquote(parsed.path)).resolve() if parsed.scheme in ("file", "") else None
-    if path is None or not path.is_relative_to(root):
+def check_artifact_uri(uri: str, owner: str) -> None:
+    """Refuse artifact URI `uri` unless it lies under the artifact root: a local directory (the default), a URL
+    prefix (``FRANCA_ARTIFACT_ROOT=s3://bucket/prefix``), or, with an MLflow server as `tracking_uri`, that
+    server's own proxied store (``mlflow-artifacts:``)."""
+    parsed, root = urlparse(uri), os.environ.get(ENV_ARTIFACTS, "mlartifacts")
+    if parsed.scheme == "mlflow-artifacts":
+        ok = tracking_uri().startswith(("http://", "https://"))
+    elif "://" in root:
+        ok = uri == root or uri.startswith(root.rstrip("/") + "/")
+    else:
+        local = parsed.scheme in ("file", "") and Path(unquote(parsed.path)).resolve()
+        ok = bool(local) and local.is_relative_to(Path(root).resolve())
+    if not ok:
         raise TrackingError(
             f"{owner} stores artifacts at {uri}, outside the artifact root {root} ({ENV_ARTIFACTS}); "
             f"use another mlflow_experiment name or point {ENV_ARTIFACTS} at that location"
         )
-    return path
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, str]:
