@@ -5,7 +5,7 @@ opens a child run tagged `mlflow.parentRunId`. Jobs write `tracking_uri` (`FRANC
 by default the sqlite store `mlflow.db` at the repo root, shared by the parallel jobs of a run (MLflow waits up to
 20 s on a held lock per statement, `retry` retries a locked store for at most `LOCK_BUDGET_S`); on a cluster, the
 URL of an MLflow server the user names. A store that stays locked, or does not answer, does not fail the job: the
-run's remaining records go to `<pending>/<uuid>.json` (franca.tracking_pending), uploaded at the workflow's next
+run's remaining records go to `<pending>/<uuid>/ops.json` (franca.tracking_pending), uploaded at the workflow's next
 start or end.
 
 Artifacts land only under the configured artifact root (`FRANCA_ARTIFACT_ROOT`, default `mlartifacts`): a run whose
