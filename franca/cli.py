@@ -48,12 +48,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the console script: a local workflow's fork server runs it warm when one is up
-        from franca import forkserver
-
-        code = forkserver.run_remote(sys.argv[1:])
-        if code is not None:
-            return code
+    if argv is None:
         argv = sys.argv[1:]
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)

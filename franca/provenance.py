@@ -1,7 +1,8 @@
 """Provenance records: every stage writes `provenance.json` beside its outputs.
 
-A record holds the stage's inputs and outputs with their sha256 (size and mtime too, so a later stage can reuse a
-hash without re-reading an unchanged file), the resolved config, the code version (git commit, dirty flag), the
+A record holds the stage's inputs and outputs with their sha256 and the file's stat signature (inode, size,
+mtime_ns, ctime_ns: a later stage reuses a hash only when all four are unchanged; ctime cannot be set by a user, so
+an edit with its mtime restored is re-hashed), the resolved config, the code version (git commit, dirty flag), the
 package versions, the MLflow run id, the host and the wall time. `franca audit` (franca/audit.py) walks these records
 from any artifact back to the fetched sources.
 """
@@ -71,13 +72,21 @@ def rel(path: str | Path) -> str:
         return path.as_posix()
 
 
-def file_record(path: Path, known: Mapping[str, Mapping] | None = None) -> dict[str, Any]:
-    """{sha256, size, mtime_ns}; reuses a known hash when size and mtime are unchanged."""
+_SIGNATURE = ("ino", "size", "mtime_ns", "ctime_ns")
+
+
+def signature(path: Path) -> dict[str, int]:
     stat = path.stat()
+    return {"ino": stat.st_ino, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+def file_record(path: Path, known: Mapping[str, Mapping] | None = None) -> dict[str, Any]:
+    """{sha256, ino, size, mtime_ns, ctime_ns}; reuses a known hash only when the whole signature is unchanged."""
+    sig = signature(path)
     previous = (known or {}).get(rel(path))
-    if previous and previous.get("size") == stat.st_size and previous.get("mtime_ns") == stat.st_mtime_ns:
-        return dict(previous)
-    return {"sha256": sha256_file(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if previous and all(previous.get(k) == sig[k] for k in _SIGNATURE):
+        return {"sha256": previous["sha256"], **sig}
+    return {"sha256": sha256_file(path), **sig}
 
 
 def is_record(path: str | Path) -> bool:
@@ -117,6 +126,36 @@ def _known_hashes(inputs: list[Path]) -> dict[str, Mapping]:
     return known
 
 
+def _source_cache(source: Path) -> Path:
+    """The hash cache of a source (an input no stage produced: a URL list, an image folder) under FRANCA_HASH_CACHE."""
+    key = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:24]
+    return Path(os.environ.get("FRANCA_HASH_CACHE", ".snakemake/franca_hashes")) / f"{key}.json"
+
+
+def _load_source_hashes(source: Path) -> dict[str, Mapping]:
+    """File records of `source` from the last job that hashed it (reused only where the signature is unchanged)."""
+    try:
+        return load(_source_cache(source))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _save_source_hashes(source: Path, records: Mapping[str, Mapping]) -> None:
+    prefix = rel(source)
+    own = {k: v for k, v in records.items() if k == prefix or k.startswith(prefix.rstrip("/") + "/")}
+    atomic_write_text(_source_cache(source), json.dumps(own, sort_keys=True))
+
+
+def unversioned(paths: Iterable[str]) -> set[str]:
+    """Those of `paths` that DVC does not version (.dvcignore: raw downloads), by `dvc check-ignore`; a missing file
+    among them is expected in a restored clone."""
+    paths = sorted(paths)
+    if not paths or not Path(".dvcignore").is_file():
+        return set()
+    result = subprocess.run(["dvc", "check-ignore", *paths], capture_output=True, text=True, check=False)
+    return set(result.stdout.split()) & set(paths)
+
+
 def code_version() -> dict[str, Any]:
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
@@ -152,11 +191,19 @@ def write(
 ) -> Path:
     """Write `out_dir/<name>` atomically (`provenance.json`, or `<stem>.provenance.json` for one of several jobs
     sharing a directory) and return its path."""
-    input_files = expand(inputs)
+    input_args = [Path(p) for p in inputs]
+    input_files = [p for p in expand(input_args) if not is_record(p)]  # records are walked, not hashed
     known = _known_hashes(input_files)
+    # sources: inputs that no record produced (a URL list, an image folder)
+    sources = [a for a in input_args if any(rel(f) not in known for f in expand([a]) if not is_record(f))]
+    for source in sources:
+        known.update(_load_source_hashes(source))
+    input_records = {rel(p): file_record(p, known) for p in input_files}
+    for source in sources:
+        _save_source_hashes(source, input_records)
     record = {
         "stage": stage,
-        "inputs": {rel(p): file_record(p, known) for p in input_files},
+        "inputs": input_records,
         "outputs": {rel(p): file_record(p) for p in expand(outputs) if not is_record(p)},
         "config": dict(config),
         "code": code_version(),

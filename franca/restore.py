@@ -56,18 +56,45 @@ def depths(recs: dict[str, dict]) -> dict[str, int]:
     return {key: depth(key) for key in recs}
 
 
+def verify_records(recs: dict[str, dict]) -> None:
+    """Every record's outputs hash as recorded, and every consumer recorded the current hash of each input that
+    another record produced; else RestoreError naming each file (nothing has been touched yet)."""
+    problems, current = [], {}
+    missing = {out for rec in recs.values() for out in rec["outputs"] if not Path(out).is_file()}
+    not_kept = provenance.unversioned(missing)  # raw downloads, not in DVC: absent after a pull
+    for key, rec in recs.items():
+        for out, expected in rec["outputs"].items():
+            if out in missing:
+                if out not in not_kept:
+                    problems.append(f"{out}: missing (output of {key})")
+                continue
+            current[out] = provenance.sha256_file(out)
+            if current[out] != expected["sha256"]:
+                problems.append(f"{out}: content differs from its provenance record {key}")
+    for key, rec in recs.items():
+        for inp, expected in rec["inputs"].items():
+            if inp in current and current[inp] != expected["sha256"]:
+                problems.append(
+                    f"{key}: recorded input {inp} with sha256 {expected['sha256'][:16]}, but the file is now "
+                    f"{current[inp][:16]}: this result is stale (rerun its rule)"
+                )
+    if problems:
+        raise RestoreError("restore refused, no file time changed:\n  " + "\n  ".join(problems))
+
+
 def restore_times(roots: list[str | Path], verify: bool = True) -> int:
-    """Verify outputs (optional) and set their times in dependency order; returns the number of files touched."""
+    """Verify outputs and consumers' inputs (optional), then set times in dependency order; returns files touched."""
     recs = records(roots)
+    if verify:
+        verify_records(recs)
     base = time.time() - 10_000
     touched = 0
     for key, level in sorted(depths(recs).items(), key=lambda kv: kv[1]):
         stamp = base + 10 * level
-        for out, rec in recs[key]["outputs"].items():
-            if verify and provenance.sha256_file(out) != rec["sha256"]:
-                raise RestoreError(f"{out}: content differs from its provenance record {key}")
-            os.utime(out, (stamp, stamp))
-            touched += 1
+        for out in recs[key]["outputs"]:
+            if Path(out).is_file():  # else a raw download DVC does not keep (checked by verify_records)
+                os.utime(out, (stamp, stamp))
+                touched += 1
         for marker in [Path(key), *_markers(Path(key).parent, recs[key]["outputs"])]:
             os.utime(marker, (stamp + 1, stamp + 1))
             touched += 1

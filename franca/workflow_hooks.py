@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,13 +16,10 @@ from pathlib import Path
 from franca import provenance, tracking
 
 log = logging.getLogger(__name__)
-_SERVER: dict = {}  # the local tracking server of this invocation (franca.tracking_server)
-_FORK: dict = {}  # the fork server of this invocation (franca.forkserver)
 
 
 def onstart(config: Mapping, local_exec: bool = True) -> None:
-    if local_exec and config.get("fork_server", True):
-        start_fork_server()
+    """Open the parent run (``local_exec`` is kept for the rules' call; every job is a plain process)."""
     code = provenance.code_version()
     tags = {
         "run_name": f"workflow-{config['preset']}",
@@ -38,59 +34,21 @@ def onstart(config: Mapping, local_exec: bool = True) -> None:
         os.environ[tracking.ENV_PARENT] = run_id
         Path(".snakemake").mkdir(exist_ok=True)
         Path(".snakemake/franca_parent_run").write_text(run_id + "\n")
-        log.info("MLflow parent run %s in %s", run_id, os.environ.get(tracking.ENV_URI, tracking.DEFAULT_URI))
-        start_tracking_server(config)  # after the parent run: the store exists, so server and jobs never create it
+        log.info("MLflow parent run %s in %s", run_id, tracking.tracking_uri())
+    sync_tracking()
 
 
-def start_tracking_server(config: Mapping) -> None:
-    """With a local sqlite store and ``tracking_server: local``, serve it so that jobs on this host log over REST.
+def sync_tracking() -> None:
+    """Upload the records of jobs that could not reach the tracking store (franca.tracking_pending)."""
+    from franca.tracking_pending import sync_pending
 
-    Jobs check the server's health and fall back to the store itself while it starts (or on another host).
-    """
-    uri = os.environ.get(tracking.ENV_URI, tracking.DEFAULT_URI)
-    if config.get("tracking_server", "local") != "local" or not uri.startswith("sqlite:///"):
-        return
-    from franca import tracking_server
-
-    db = Path(uri.removeprefix("sqlite:///"))
-    proc, url = tracking_server.start(db, tracking.artifact_root(), Path("logs/mlflow-server.log"))
-    _SERVER["proc"] = proc
-    os.environ[tracking.ENV_SERVER] = url
-    os.environ[tracking.ENV_SERVER_HOST] = socket.gethostname()
-    log.info("MLflow tracking server %s (log: logs/mlflow-server.log)", url)
-
-
-def start_fork_server() -> None:
-    """Serve warm `franca` processes to the jobs of this host (franca.forkserver); first, as it imports for ~6 s."""
-    from franca import forkserver
-
-    proc, path = forkserver.start(Path("logs/forkserver.log"))
-    _FORK.update(proc=proc, path=path)
-    os.environ[forkserver.ENV_SOCKET] = path
-    os.environ[forkserver.ENV_HOST] = socket.gethostname()
-    log.info("fork server %s (log: logs/forkserver.log)", path)
-
-
-def stop_servers() -> None:
-    stop_tracking_server()
-    if _FORK:
-        from franca import forkserver
-
-        os.environ.pop(forkserver.ENV_SOCKET, None)
-        forkserver.stop(_FORK.pop("proc"), _FORK.pop("path"))
-
-
-def stop_tracking_server() -> None:
-    proc = _SERVER.pop("proc", None)
-    os.environ.pop(tracking.ENV_SERVER, None)
-    if proc is not None:
-        from franca import tracking_server
-
-        tracking_server.stop(proc)
+    left = sync_pending()
+    if left:
+        log.warning("%d pending tracking records could not be uploaded yet (%s)", left, tracking.pending_dir())
 
 
 def onsuccess(config: Mapping) -> None:
-    stop_servers()
+    sync_tracking()
     tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FINISHED")
     if config.get("dvc", {}).get("commit_on_success", True) and Path("dvc.yaml").exists() and Path(".dvc").is_dir():
         dvc_commit()
@@ -99,7 +57,7 @@ def onsuccess(config: Mapping) -> None:
 
 
 def onerror(config: Mapping) -> None:
-    stop_servers()
+    sync_tracking()
     tracking.close_parent_run(os.environ.get(tracking.ENV_PARENT), "FAILED")
 
 
@@ -111,6 +69,9 @@ def dvc_commit() -> None:
         for out in stage.get("outs", []):
             Path(out).mkdir(parents=True, exist_ok=True)  # a phase no experiment ran is recorded as empty
     _dvc("commit", "--force", "--quiet")
+    # `dvc commit` copies into the cache unless the first cache type is hardlink; relinking replaces each workspace
+    # copy with a reflink / hardlink / symlink to the cache (.dvc/config), so a dataset is not kept twice
+    _dvc("checkout", "--relink", "--quiet")
     log.info("dvc.lock updated")
 
 

@@ -117,10 +117,9 @@ def test_mlflow_parent_with_one_child_per_job(run):
     assert pretrain and all("git_commit" in r.data.tags and "inputs_sha256" in r.data.tags for r in pretrain)
     history = client.get_metric_history(pretrain[0].info.run_id, "loss")
     assert len(history) > 5
-    # jobs logged through the workflow's local tracking server once it answered (the first ones may not find it)
-    server_log = (repo / "logs/mlflow-server.log").read_text()
-    assert server_log.count("POST /api/2.0/mlflow/runs/create") >= n_jobs // 2, server_log[-2000:]
-    assert "Shutting down" in server_log or "Finished server process" in server_log, server_log[-2000:]
+    # every job reached the store (no records left pending) and the UI opens the experiment on its runs
+    assert not list((repo / ".snakemake/franca_tracking_pending").glob("*/ops.json"))
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_audit_verifies_and_catches_tampering(run):
@@ -129,10 +128,12 @@ def test_audit_verifies_and_catches_tampering(run):
     assert "fetch" in ok.stdout and "sources" in ok.stdout
     ckpt = repo / "results/pretrain/franca/s0/stage1/checkpoint.pt"
     original, stat = ckpt.read_bytes(), ckpt.stat()
-    try:
+    try:  # unlink first: the file is a read-only link into the DVC cache, which must stay intact
+        ckpt.unlink()
         ckpt.write_bytes(original[:-8] + b"tampered")
         bad = sh(["franca", "audit", "results/paper/main.csv"], repo, check=False)
     finally:
+        ckpt.unlink()
         ckpt.write_bytes(original)
         os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # leave the tree as the other tests expect
     assert bad.returncode == 1 and "results/pretrain/franca/s0/stage1/checkpoint.pt" in bad.stderr
