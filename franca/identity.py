@@ -31,7 +31,7 @@ def input_hashes(paths: Iterable[str | Path]) -> dict[str, str]:
     """{repo-relative path: sha256} of every file of ``paths`` (directories expanded). Hashes recorded by the
     producing stage's provenance are reused when size and mtime match, so shards are not read again."""
     files = provenance.expand(paths)
-    known = provenance._known_hashes(files)  # noqa: SLF001 (the producers' records)
+    known = provenance.known_hashes(files)  # the producers' records
     return {provenance.rel(p): provenance.file_record(p, known)["sha256"] for p in files}
 
 

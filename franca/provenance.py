@@ -114,7 +114,7 @@ def load(path: str | Path) -> dict[str, Any]:
         return json.load(handle)
 
 
-def _known_hashes(inputs: list[Path]) -> dict[str, Mapping]:
+def known_hashes(inputs: list[Path]) -> dict[str, Mapping]:
     """Output records of the stages that produced `inputs` (one lookup per directory)."""
     known: dict[str, Mapping] = {}
     seen: set[Path] = set()
@@ -193,7 +193,7 @@ def write(
     sharing a directory) and return its path."""
     input_args = [Path(p) for p in inputs]
     input_files = [p for p in expand(input_args) if not is_record(p)]  # records are walked, not hashed
-    known = _known_hashes(input_files)
+    known = known_hashes(input_files)
     # sources: inputs that no record produced (a URL list, an image folder)
     sources = [a for a in input_args if any(rel(f) not in known for f in expand([a]) if not is_record(f))]
     for source in sources:

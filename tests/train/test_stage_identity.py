@@ -50,7 +50,7 @@ def _command(root: Path, out: Path, config: str = "job.json") -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "FRANCA_TRACKING": "off", "FRANCA_FORKSERVER": "off"}
+    return {**os.environ, "FRANCA_TRACKING": "off"}
 
 
 def _run(root: Path, out: Path, config: str = "job.json") -> dict:
