@@ -38,6 +38,7 @@ import torch
 CKPT = "results/pretrain/franca/s0/stage1/checkpoint.pt"  # = conftest.CKPT
 WORLD = 2
 DIST_CHANGES = {
+    "run.keep_rolling": "true",  # the test reads the 2-rank rolling checkpoint after the job published its output
     "train.world_size": WORLD,
     "train.batch_size_per_gpu": 16,
     "dino.koleo_loss_weight": 0,
@@ -130,11 +131,14 @@ def _reference_main(argv: list[str]) -> int:
     return cli.main(argv[1:])
 
 
-def _franca_args(out: str, overrides: list[str]) -> list[str]:
-    """The arguments the pretrain rule passes (franca.config.stage_args), with another output directory."""
-    from franca.config import stage_args
-
-    return ["pretrain", "--stage-index", "1", "--out", out, *stage_args("tiny", "franca", 0, overrides)]
+def _franca_args(cluster, repo: Path, out: str, overrides: list[str]) -> list[str]:
+    """The pretrain rule's arguments for the config with ``overrides`` (its files written by `franca config`, as the
+    workflow writes them), with another output directory."""
+    cmd = ["franca", "config", "--preset", "tiny", "--experiment", "franca", "--out", "work/config-ref"]
+    written = cluster.sh([*cmd, *(a for o in overrides for a in ("--override", o))], repo).stdout.split()
+    files = {Path(p).stem.rsplit("-", 1)[0]: p for p in written if "/franca/s0/" in p}
+    return ["pretrain", "--config", files["pretrain1"], "--run-config", files["run"], "--shards", "data/synth/shards",
+            "--kept", "data/dedup/synth/kept.txt", "--out", out, "--threads", "1"]  # fmt: skip
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -189,7 +193,7 @@ def test_rule_launches_torchrun_with_two_gloo_processes(dist_rule):
         json.loads(line)["iteration"] for line in (repo / CKPT).with_name("metrics.jsonl").read_text().splitlines()
     ]
     assert logged == [0, 5]
-    rolling = list((repo / "work/ckpt/pretrain/franca/s0/stage1").glob("ckpt-*.pt"))
+    rolling = list((repo / "work/ckpt/results/pretrain/franca/s0/stage1").rglob("ckpt-*.pt"))
     assert len(rolling) == 1
     state = torch.load(rolling[0], map_location="cpu", weights_only=True)
     assert state["world_size"] == WORLD and state["data_position"] == [3 * 16] * WORLD
@@ -203,7 +207,7 @@ def test_rank_split_reads_other_samples_than_one_process(dist_rule):
 
     repo = dist_rule["repo"]
     shards = list_shards(repo / "data/synth/shards", "train")
-    kept = set((repo / "data/dedup/kept.txt").read_text().split())
+    kept = set((repo / "data/dedup/synth/kept.txt").read_text().split())
 
     def first_keys(rank: int, world: int, n: int) -> list[str]:
         stream = ShardStream(shards, kept_keys=kept, seed=0, rank=rank, world_size=world, transform=lambda s: s["key"])
@@ -221,7 +225,7 @@ def test_torchrun_rule_equals_single_process_on_merged_batches(cluster, dist_rul
     repo = dist_rule["repo"]
     out = "results/reference/franca/s0/stage1"
     overrides = cluster.subset_overrides(SINGLE_CHANGES)
-    args = _franca_args(out, overrides)
+    args = _franca_args(cluster, repo, out, overrides)
     start = time.monotonic()
     cluster.sh([sys.executable, str(Path(__file__).resolve()), str(WORLD), *args], repo, timeout=600)
     wall = time.monotonic() - start
@@ -244,7 +248,7 @@ def srun_run(cluster, slurm_up, dist_rule) -> dict:
     out = "results/srun/franca/s0/stage1"
     name = f"franca-test-srun-{time.time_ns()}"
     srun = ["srun", "-n", str(WORLD), "-c", "1", "-t", "10", "-p", slurm_up, "-J", name, "--kill-on-bad-exit=1"]
-    cmd = ["timeout", "-s", "KILL", "400", *srun, "franca", *_franca_args(out, dist_rule["overrides"])]
+    cmd = ["timeout", "-s", "KILL", "400", *srun, "franca", *_franca_args(cluster, repo, out, dist_rule["overrides"])]
     start = time.monotonic()
     try:
         result = cluster.sh(cmd, repo, timeout=450, check=False)

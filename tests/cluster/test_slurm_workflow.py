@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 PROFILE = "workflow/profiles/slurm"
 GROUPS = ["fetch=data", "shard=data", "dedup=data", "features=eval", "evaluate=eval"]
 SLURM_TIMEOUT_S = 900
-ROLLING = "work/ckpt/pretrain/franca/s0/stage1"
+ROLLING = "work/ckpt/results/pretrain/franca/s0/stage1"  # + /<job identity>/
 CKPT = "results/pretrain/franca/s0/stage1/checkpoint.pt"  # = conftest.CKPT
 
 
@@ -91,7 +91,7 @@ def test_slurm_workflow(cluster, slurm_subset):
 
     # data: byte-identical shards, manifest and dedup list
     data_files = sorted(p.relative_to(repo) for p in (repo / "data").rglob("*") if p.suffix in (".tar", ".parquet"))
-    data_files += [Path("data/dedup/kept.txt")]
+    data_files += [Path("data/dedup/synth/kept.txt")]
     assert len(data_files) >= 6
     for rel in data_files:
         assert _sha256(repo / rel) == _sha256(local / rel), rel
@@ -163,7 +163,7 @@ def test_slurm_kill_resume(cluster, slurm_subset, killed_run):
     record = json.loads((repo / CKPT).with_name("provenance.json").read_text())
     assert record["slurm_job_id"] == jobs[1]
     summary = record["summary"]
-    assert summary["resumed_from"] and Path(summary["resumed_from"]).parent == Path(ROLLING), summary
+    assert summary["resumed_from"] and Path(summary["resumed_from"]).parent.parent == Path(ROLLING), summary
     assert 1 <= summary["start_iteration"] < summary["iterations"] == 6, summary
     _assert_same_weights(repo / CKPT, slurm_subset["local"] / CKPT)
     print(
@@ -182,7 +182,7 @@ def test_slurm_kill_resume_keeps_metrics_history(slurm_subset, killed_run):
 def _wait_for_rolling(directory: Path, run, timeout: float) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = sorted(directory.glob("ckpt-*.pt")) if directory.is_dir() else []
+        found = sorted(directory.rglob("ckpt-*.pt")) if directory.is_dir() else []
         if found:
             return found[0]
         if run.proc.poll() is not None:
