@@ -144,9 +144,12 @@ DENSE_LIST = [bench for bench in BENCHMARKS if bench in DENSE]
 
 
 def paper_inputs(wildcards):
+    """Every file `franca paper` reads (it reads nothing else): a listed file is an expected result."""
     inputs = {"dedup": "data/dedup/report.json", "metrics": [], "evals": [], "rasa": [], "pca": []}
+    inputs["manifests"] = [f"data/{dataset}/manifest.parquet" for dataset in DATASETS]
     for exp, seed in RUNS:
-        inputs["metrics"].append(f"results/pretrain/{exp}/s{seed}/stage{n_stages(exp)}/metrics.jsonl")
+        for stage in range(1, n_stages(exp) + 1):
+            inputs["metrics"].append(f"results/pretrain/{exp}/s{seed}/stage{stage}/metrics.jsonl")
         for ckpt in checkpoint_kinds(exp):
             if ckpt == "highres":
                 inputs["metrics"].append(f"results/highres/{exp}/s{seed}/metrics.jsonl")
