@@ -27,6 +27,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+DEFAULT_CHROMIUM = "/usr/bin/chromium"  # Debian's package
 MUST_FIT = ("main", "ablation")  # tables readable whole at WIDTH in their default (collapsed) view
 
 
@@ -36,7 +37,7 @@ class BrowserMissing(RuntimeError):
 
 def chromium_path() -> str:
     """``$FRANCA_CHROMIUM``, else ``/usr/bin/chromium``, else ``chromium`` on PATH."""
-    for cand in (os.environ.get("FRANCA_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+    for cand in (os.environ.get("FRANCA_CHROMIUM"), DEFAULT_CHROMIUM, shutil.which("chromium")):
         if cand and Path(cand).is_file():
             return cand
     raise BrowserMissing("Chromium not found: apt-get install -y chromium (or set FRANCA_CHROMIUM)")
@@ -126,6 +127,19 @@ def check_page(html_path: str | Path, screenshot_path: str | Path, clicks: int =
     n_tables = html_path.read_text(encoding="utf-8").count("<table")
     assert not problems, "\n".join(problems)
     return {"tables": n_tables, "images": len(images), "clicked": clicked, "screenshot": str(screenshot_path)}
+
+
+def check_page_or_skip(html_path: str | Path, screenshot_path: str | Path, clicks: int = 3) -> dict:
+    """``check_page`` inside a pytest test: skips without Chromium, but fails when ``CI_REQUIRE_BROWSER=1``
+    (``.ci/run`` sets it after installing Debian's chromium)."""
+    import pytest
+
+    try:
+        return check_page(html_path, screenshot_path, clicks)
+    except BrowserMissing as err:
+        if os.environ.get("CI_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"CI_REQUIRE_BROWSER=1 but no browser: {err}")
+        pytest.skip(str(err))
 
 
 def _click_numbers(page, clicks: int, problems: list[str]) -> list[str]:

@@ -6,25 +6,15 @@ chromium): there it fails.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from browser import BrowserMissing, check_page
+from browser import check_page_or_skip
 from fake_results import EXPERIMENTS, fake_inputs
 
 from franca.paper.build import build_paper
 
 REFERENCE = Path(__file__).resolve().parents[2] / "config" / "reference" / "paper_readme.yaml"
-
-
-def _check(html: Path, shot: Path) -> dict:
-    try:
-        return check_page(html, shot)
-    except BrowserMissing as err:
-        if os.environ.get("CI_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"CI_REQUIRE_BROWSER=1 but no browser: {err}")
-        pytest.skip(str(err))
 
 
 def test_page_in_headless_chromium(fake_tree, tmp_path):
@@ -39,11 +29,23 @@ def test_page_in_headless_chromium(fake_tree, tmp_path):
         root=root,
         mask_draws=400,
     )
-    report = _check(out / "index.html", tmp_path / "screenshot.png")
+    report = check_page_or_skip(out / "index.html", tmp_path / "screenshot.png")
     print(f"paper page screenshot: {report['screenshot']}")  # the test's artifact (pytest -s shows it)
     assert Path(report["screenshot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["images"] == len(list((out / "figures").glob("*.png"))) >= 8  # PCA maps included
     assert len(report["clicked"]) == 4
+
+
+def test_browser_missing_fails_under_ci_require_browser(tmp_path, monkeypatch):
+    monkeypatch.setenv("FRANCA_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    monkeypatch.setattr("browser.DEFAULT_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CI_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI_REQUIRE_BROWSER=1"):
+        check_page_or_skip(tmp_path / "x.html", tmp_path / "x.png")
+    monkeypatch.delenv("CI_REQUIRE_BROWSER")
+    with pytest.raises(pytest.skip.Exception, match="Chromium not found"):
+        check_page_or_skip(tmp_path / "x.html", tmp_path / "x.png")
 
 
 def test_check_page_finds_a_cut_table_and_a_broken_image(tmp_path):
@@ -55,6 +57,6 @@ def test_check_page_finds_a_cut_table_and_a_broken_image(tmp_path):
         f'{cells}</tr></table></div><img alt=broken src="data:image/png;base64,AAAA"></body></html>'
     )
     with pytest.raises(AssertionError) as err:
-        _check(page, tmp_path / "bad.png")
+        check_page_or_skip(page, tmp_path / "bad.png")
     text = str(err.value)
     assert "overflows its box" in text and "image 'broken' did not load" in text and "no table ablation" in text
