@@ -195,7 +195,7 @@ def _dedup_figures(report: Path | None, sources: SourceIndex, notes: list[str]) 
 def _numbers(tables: list[Table], figures: list[tuple[FigureEntry, list[str]]], sources: SourceIndex) -> dict:
     out = {
         "format": NUMBERS_FORMAT,
-        "paths": "relative to the project root (the parent of results/)",
+        "paths": "relative to the project root (the working directory of the build)",
         "tables": {},
         "figures": {},
         "sources": sources.records,

@@ -11,7 +11,7 @@ of ``docs/interfaces.md`` ("Workflow layout"):
 * ``provenance.json`` beside every artifact.
 
 Every frame carries the path of the file each number came from, so that the tables can link each cell to its
-sources (``SourceIndex``). Paths are POSIX strings relative to the project root (the parent of ``results/``).
+sources (``SourceIndex``). Paths are POSIX strings relative to the project root (the working directory).
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ _LAYOUT_JS = """(mustFit) => {
     if (table.offsetParent === null) continue;  // not displayed (a closed provenance box)
     const box = table.parentElement;
     const scrolls = ['auto', 'scroll'].includes(getComputedStyle(box).overflowX);
-    const name = (table.closest('section, details, .prov') || {}).innerText?.slice(0, 40) || '';
+    const holder = table.closest('section, details, .prov, body');
+    const heading = holder.querySelector('h1, h2, h3');
+    const name = holder.id || (heading ? heading.textContent : table.innerText.slice(0, 40));
     if (box.getBoundingClientRect().right > doc.clientWidth + 1)
       problems.push(`box of table "${name}" ends at ${box.getBoundingClientRect().right} px`);
     if (table.scrollWidth > box.clientWidth + 1 && !scrolls)
