@@ -166,29 +166,29 @@ def dedup_counts(report: object, path: Path) -> tuple[dict[str, int], int | None
     )
 
 
-def _dedup_figures(report: Path | None, sources: SourceIndex, notes: list[str]) -> list[tuple[FigureEntry, list[str]]]:
-    if report is None or not report.is_file():
-        notes.append(f"dedup summary: no dedup report{f' ({report} is missing)' if report else ' was given'}")
-        return []
-    by_reason, kept = dedup_counts(read_json(report, "dedup report"), report)
-    key = sources.add(report)
+def _dedup_figures(reports: list[Path], sources: SourceIndex, notes: list[str]) -> list[tuple[FigureEntry, list]]:
+    """Removals per reason (and the dedup stage's example pairs) per report; ``_{dataset}`` in the file names when
+    there are several."""
+    if not reports:
+        notes.append("dedup summary: no dedup report was given")
     out = []
-    png = figs.dedup_summary(by_reason, kept)
-    if png is not None:
-        total = sum(by_reason.values())
-        out.append(
-            (FigureEntry("dedup_summary.png", "Dedup summary", f"{total} images removed, by reason.", png), [key])
-        )
-    pairs = report.parent / "pairs.png"  # written by the dedup stage beside its report
-    if pairs.is_file():
-        out.append(
-            (
-                FigureEntry(
-                    "dedup_pairs.png", "Dedup pairs", "Example removed pairs from the dedup stage.", pairs.read_bytes()
-                ),
-                [sources.add(pairs)],
-            )
-        )
+    for report in reports:
+        if not report.is_file():
+            notes.append(f"dedup summary: expected {sources.rel(report)} is missing")
+            continue
+        data = read_json(report, "dedup report")
+        by_reason, kept = dedup_counts(data, report)
+        key, dataset = sources.add(report), hdr.dedup_dataset(data, report)
+        suffix, on = (f"_{dataset}", f" ({dataset})") if len(reports) > 1 else ("", "")
+        png = figs.dedup_summary(by_reason, kept)
+        if png is not None:
+            caption = f"{sum(by_reason.values())} images removed, by reason."
+            out.append((FigureEntry(f"dedup_summary{suffix}.png", f"Dedup summary{on}", caption, png), [key]))
+        pairs = report.parent / "pairs.png"  # written by the dedup stage beside its report
+        if pairs.is_file():
+            caption = "Example removed pairs from the dedup stage."
+            entry = FigureEntry(f"dedup_pairs{suffix}.png", f"Dedup pairs{on}", caption, pairs.read_bytes())
+            out.append((entry, [sources.add(pairs)]))
     return out
 
 
@@ -291,9 +291,8 @@ def _make_figures(
 
 def _header(preset: str, specs: list, inputs: PaperInputs, sources: SourceIndex, code: Mapping, built: str) -> Header:
     """Preset, scope statement, experiments, commit, date and the datasets (manifests + dedup report)."""
-    report = hdr.read_dedup(inputs.dedup)
     keys = {p: sources.add(p) for p in inputs.manifests if p.is_file()}
-    datasets = hdr.datasets([p for p in inputs.manifests if p.is_file()], report, keys)
+    datasets = hdr.datasets([p for p in inputs.manifests if p.is_file()], hdr.kept_after_dedup(inputs.dedup), keys)
     commits = sorted({str(r["git_commit"]) for r in sources.records.values() if r.get("git_commit")})
     dirty = " (uncommitted changes)" if code.get("dirty") else ""
     meta = [

@@ -212,13 +212,14 @@ class PaperInputs:
     metrics: list[Path] = field(default_factory=list)
     rasa: list[Path] = field(default_factory=list)
     pca: list[Path] = field(default_factory=list)
-    dedup: Path | None = None
+    dedup: list[Path] = field(default_factory=list)  # one report per deduplicated training dataset
     manifests: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("evals", "metrics", "rasa", "pca", "manifests"):
-            setattr(self, name, [Path(p) for p in getattr(self, name)])
-        self.dedup = Path(self.dedup) if self.dedup else None
+        if isinstance(self.dedup, str | Path):
+            self.dedup = [self.dedup]
+        for name in ("evals", "metrics", "rasa", "pca", "dedup", "manifests"):
+            setattr(self, name, [Path(p) for p in getattr(self, name) or []])
 
 
 _RUN_PATH = re.compile(r"(?:^|/)(?P<exp>[^/]+)/s(?P<seed>\d+)/(?P<ckpt>[^/]+)/(?P<file>[^/]+)$")

@@ -65,24 +65,35 @@ def _manifest_summary(path: Path) -> tuple[list[str], list[str], dict[str, int]]
     return origins, licenses, splits
 
 
-def datasets(manifests: Sequence[Path], dedup: Mapping | None, keys: Mapping[Path, str]) -> list[DatasetInfo]:
-    """One entry per manifest (``data/{name}/manifest.parquet``); ``dedup``: the dedup report (its
-    ``train_manifest`` and ``kept``); ``keys``: each file's source key (for provenance links)."""
-    train = Path(str((dedup or {}).get("train_manifest", ""))).parent.name
+def datasets(manifests: Sequence[Path], kept: Mapping[str, int], keys: Mapping[Path, str]) -> list[DatasetInfo]:
+    """One entry per manifest (``data/{name}/manifest.parquet``); ``kept``: training images kept by dedup per
+    dataset (``kept_after_dedup``); ``keys``: each file's source key (for provenance links)."""
     out = []
     for path in map(Path, manifests):
         origins, licenses, splits = _manifest_summary(path)
         info = DatasetInfo(path.parent.name, origins, licenses, splits, sources=[keys[path]] if path in keys else [])
-        if dedup and info.name == train and isinstance(dedup.get("kept"), int):
-            info.kept_after_dedup = int(dedup["kept"])
+        info.kept_after_dedup = kept.get(info.name)
         out.append(info)
     return out
 
 
-def read_dedup(path: Path | None) -> dict | None:
-    if path is None or not Path(path).is_file():
-        return None
-    report = read_json(Path(path), "dedup report")
-    if not isinstance(report, dict):
-        raise PaperInputError(f"{path}: malformed dedup report: expected an object")
-    return report
+def dedup_dataset(report: Mapping, path: Path) -> str:
+    """The training dataset a dedup report is about: its ``train_manifest``'s folder, else the report's folder
+    (``data/dedup/{dataset}/report.json``)."""
+    if report.get("train_manifest"):
+        return Path(str(report["train_manifest"])).parent.name
+    return Path(path).parent.name
+
+
+def kept_after_dedup(paths: Sequence[Path]) -> dict[str, int]:
+    """Training images kept per dataset, from the dedup reports that exist."""
+    kept = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        report = read_json(path, "dedup report")
+        if not isinstance(report, dict):
+            raise PaperInputError(f"{path}: malformed dedup report: expected an object")
+        if isinstance(report.get("kept"), int):
+            kept[dedup_dataset(report, path)] = int(report["kept"])
+    return kept

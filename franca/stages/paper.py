@@ -17,7 +17,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", nargs="*", default=[], help="training metrics.jsonl of every stage")
     parser.add_argument("--rasa", nargs="*", default=[], help="RASA reports results/rasa/.../report.json")
     parser.add_argument("--pca", nargs="*", default=[], help="PCA images results/features/.../pca.pt")
-    parser.add_argument("--dedup", default=None, help="the dedup report data/dedup/report.json")
+    parser.add_argument("--dedup", nargs="*", default=[], help="dedup reports data/dedup/.../report.json")
     parser.add_argument("--manifests", nargs="*", default=[], help="data/{dataset}/manifest.parquet (header)")
     parser.add_argument("--out", default="results/paper")
     parser.add_argument("--preset", default="tiny")

@@ -205,7 +205,7 @@ def fake_inputs(root: Path, experiments: dict | None = None, benchmarks: tuple =
     """The files of the fake run as ``paper_inputs`` (workflow/rules/common.smk) lists them for ``experiments``
     and ``benchmarks`` (a listed file that the tree lacks is an expected result that failed)."""
     experiments, results = experiments or EXPERIMENTS, root / "results"
-    inputs = PaperInputs(dedup=root / "data/dedup/report.json", manifests=[root / "data/synth/manifest.parquet"])
+    inputs = PaperInputs(dedup=[root / "data/dedup/report.json"], manifests=[root / "data/synth/manifest.parquet"])
     for exp, entry in experiments.items():
         for seed in entry["seeds"]:
             inputs.metrics.append(results / f"pretrain/{exp}/s{seed}/stage1/metrics.jsonl")

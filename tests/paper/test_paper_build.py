@@ -296,7 +296,7 @@ def test_missing_only_for_expected_results(tmp_path):
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
     inputs = fake_inputs(tmp_path)
-    inputs.pca, inputs.dedup = [], None  # not configured
+    inputs.pca, inputs.dedup = [], []  # not configured
     summary = build_paper(
         inputs,
         tmp_path / "paper",
@@ -407,9 +407,34 @@ def test_cli_reads_the_files_on_its_command_line(tmp_path, monkeypatch):
     argv = ["paper", "--out", "results/paper", "--preset", "tiny", "--experiments", json.dumps(EXPERIMENTS)]
     for flag in ("evals", "metrics", "rasa", "pca", "manifests"):
         argv += [f"--{flag}", *map(str, getattr(inputs, flag))]
-    assert main([*argv, "--dedup", str(inputs.dedup)]) == 0
+    assert main([*argv, "--dedup", *map(str, inputs.dedup)]) == 0
     prov = json.loads((tmp_path / "results/paper/provenance.json").read_text())
     listed = {p.as_posix() for p in [*inputs.evals, *inputs.metrics, *inputs.rasa, *inputs.pca]}
     assert "results/features/franca/s0/pretrain/pca.pt" in prov["inputs"]
     assert {p for p in prov["inputs"] if p.startswith("results/")} <= listed
     assert (tmp_path / "results/paper/figures/pca_maps.png").is_file()
+
+
+def test_one_dedup_report_per_training_dataset(tmp_path):
+    """data/dedup/{dataset}/report.json per deduplicated dataset: each gets its kept count and its figure."""
+    write_fake_tree(tmp_path)
+    inputs = fake_inputs(tmp_path, {"franca": EXPERIMENTS["franca"]})
+    second = tmp_path / "data" / "dedup" / "other" / "report.json"
+    second.parent.mkdir(parents=True)
+    second.write_text(json.dumps({"kept": 77, "removed": {"exact_duplicate": 3}}))  # no train_manifest: its folder
+    shutil.copy(tmp_path / "data/synth/manifest.parquet", (tmp_path / "data/other").mkdir() or tmp_path / "data/other")
+    inputs.dedup.append(second)
+    inputs.manifests.append(tmp_path / "data/other/manifest.parquet")
+    summary = build_paper(
+        inputs,
+        tmp_path / "paper",
+        experiments={"franca": EXPERIMENTS["franca"]},
+        preset="tiny",
+        reference_yaml=None,
+        root=tmp_path,
+        mask_draws=50,
+    )
+    names = {Path(p).name for p in summary["figures"]}
+    assert {"dedup_summary_synth.png", "dedup_summary_other.png"} <= names
+    head = (tmp_path / "paper" / "index.html").read_text().split('id="table-main"')[0]
+    assert "1,920 train" in head and "77 train" in head

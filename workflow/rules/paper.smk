@@ -22,6 +22,6 @@ rule paper:
     log:
         "logs/paper.log",
     shell:
-        "FRANCA_RULE=paper franca paper --evals {input.evals} --metrics {input.metrics} --rasa {input.rasa} "
+        "franca paper --evals {input.evals} --metrics {input.metrics} --rasa {input.rasa} "
         "--pca {input.pca} --dedup {input.dedup} --manifests {input.manifests} --out {params.out} "
         "--preset {params.preset} --experiments '{params.experiments}' --dense-dataset {params.dense} 2> {log}"
