@@ -1,11 +1,12 @@
 """The paper stage: tables, figures and a self-contained ``index.html`` from a workflow run (issue 2 item 8).
 
-``build_paper(results_dir, out_dir, *, experiments, preset, reference_yaml)`` is the entry point; see ``build``.
+``build_paper(inputs, out_dir, *, experiments, preset, reference_yaml)`` is the entry point (``inputs``: the
+``PaperInputs`` files the ``paper`` rule lists); see ``build``.
 """
 
 from __future__ import annotations
 
-__all__ = ["build_paper", "PaperInputError"]
+__all__ = ["build_paper", "PaperInputError", "PaperInputs"]
 
 
 def __getattr__(name: str):
@@ -14,8 +15,8 @@ def __getattr__(name: str):
         from franca.paper.build import build_paper
 
         return build_paper
-    if name == "PaperInputError":
-        from franca.paper.collect import PaperInputError
+    if name in ("PaperInputError", "PaperInputs"):
+        from franca.paper import collect
 
-        return PaperInputError
+        return getattr(collect, name)
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""``build_paper``: aggregate every result of a workflow run into ``results/paper/`` (issue 2 item 8, issue 5).
+"""``build_paper``: aggregate the result files of a workflow run into ``results/paper/`` (issue 2 item 8, 5, 11, 15).
 
 Writes (atomically: temporary file + rename):
 
@@ -7,8 +7,10 @@ Writes (atomically: temporary file + rename):
   ``dedup_summary`` (and ``dedup_pairs`` copied from the dedup stage when present);
 * ``index.html`` (self-contained) and ``numbers.json`` (every table cell -> its source files, for ``franca audit``).
 
-Missing optional inputs (no high-res checkpoint, no RASA, no features cache, no dedup report) leave empty cells or
-skip a figure with a note; malformed inputs raise ``PaperInputError`` naming the file.
+The files read are exactly those of ``PaperInputs`` (the ``paper`` rule's inputs). Results the rule does not hand
+over were not configured: their rows and columns are left out, with a footnote. A listed file that is absent is a
+result that was expected and failed: its cells read "missing" (a note), or its figure is skipped with a note.
+Malformed inputs raise ``PaperInputError`` naming the file.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from franca.paper import figures as figs
+from franca.paper import header as hdr
 from franca.paper.collect import (
     PaperInputError,
+    PaperInputs,
     SourceIndex,
     atomic_write_bytes,
     atomic_write_text,
@@ -35,7 +40,7 @@ from franca.paper.collect import (
     parse_experiments,
     read_json,
 )
-from franca.paper.html import FigureEntry, render_index
+from franca.paper.html import FigureEntry, Header, render_index
 from franca.paper.tables import EvalLookup, Table, ablation_table, main_table, rasa_table, reference_table
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,7 @@ def to_markdown(table: Table) -> str:
     ]
     for labels, cells, note in table.rows:
         lines.append("| " + " | ".join(esc(x) for x in [*labels, *(c.text for c in cells), note]) + " |")
+    lines += ["", *(f"_{n}_" for n in table.footnotes)] if table.footnotes else []
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +123,7 @@ def to_latex(table: Table) -> str:
         r"\label{tab:" + table.name + "}",
         r"\end{table}",
     ]
-    lines += ["% note: " + tex_escape(n) for n in notes]
+    lines += ["% note: " + tex_escape(n) for n in [*notes, *table.footnotes]]
     return "\n".join(lines) + "\n"
 
 
@@ -160,38 +166,36 @@ def dedup_counts(report: object, path: Path) -> tuple[dict[str, int], int | None
     )
 
 
-def _dedup_figures(data_dir: Path, sources: SourceIndex, notes: list[str]) -> list[tuple[FigureEntry, list[str]]]:
-    reports = [Path(data_dir) / "dedup" / "report.json", *sorted(Path(data_dir).glob("*/dedup/report.json"))]
-    report = next((p for p in reports if p.is_file()), None)
-    if report is None:
-        notes.append(f"dedup summary: no report.json under {sources.rel(Path(data_dir))}")
-        return []
-    by_reason, kept = dedup_counts(read_json(report, "dedup report"), report)
-    key = sources.add(report)
+def _dedup_figures(reports: list[Path], sources: SourceIndex, notes: list[str]) -> list[tuple[FigureEntry, list]]:
+    """Removals per reason (and the dedup stage's example pairs) per report; ``_{dataset}`` in the file names when
+    there are several."""
+    if not reports:
+        notes.append("dedup summary: no dedup report was given")
     out = []
-    png = figs.dedup_summary(by_reason, kept)
-    if png is not None:
-        total = sum(by_reason.values())
-        out.append(
-            (FigureEntry("dedup_summary.png", "Dedup summary", f"{total} images removed, by reason.", png), [key])
-        )
-    pairs = report.parent / "pairs.png"
-    if pairs.is_file():
-        out.append(
-            (
-                FigureEntry(
-                    "dedup_pairs.png", "Dedup pairs", "Example removed pairs from the dedup stage.", pairs.read_bytes()
-                ),
-                [sources.add(pairs)],
-            )
-        )
+    for report in reports:
+        if not report.is_file():
+            notes.append(f"dedup summary: expected {sources.rel(report)} is missing")
+            continue
+        data = read_json(report, "dedup report")
+        by_reason, kept = dedup_counts(data, report)
+        key, dataset = sources.add(report), hdr.dedup_dataset(data, report)
+        suffix, on = (f"_{dataset}", f" ({dataset})") if len(reports) > 1 else ("", "")
+        png = figs.dedup_summary(by_reason, kept)
+        if png is not None:
+            caption = f"{sum(by_reason.values())} images removed, by reason."
+            out.append((FigureEntry(f"dedup_summary{suffix}.png", f"Dedup summary{on}", caption, png), [key]))
+        pairs = report.parent / "pairs.png"  # written by the dedup stage beside its report
+        if pairs.is_file():
+            caption = "Example removed pairs from the dedup stage."
+            entry = FigureEntry(f"dedup_pairs{suffix}.png", f"Dedup pairs{on}", caption, pairs.read_bytes())
+            out.append((entry, [sources.add(pairs)]))
     return out
 
 
 def _numbers(tables: list[Table], figures: list[tuple[FigureEntry, list[str]]], sources: SourceIndex) -> dict:
     out = {
         "format": NUMBERS_FORMAT,
-        "paths": "relative to the project root (the parent of results/)",
+        "paths": "relative to the project root (the working directory of the build)",
         "tables": {},
         "figures": {},
         "sources": sources.records,
@@ -221,12 +225,11 @@ def _numbers(tables: list[Table], figures: list[tuple[FigureEntry, list[str]]], 
 
 
 def _make_figures(
-    results_dir: Path,
+    inputs: PaperInputs,
     specs: list,
     sources: SourceIndex,
     rasa_frame: pd.DataFrame,
     notes: list[str],
-    data_dir: Path,
     mask_draws: int,
     pca_images: int,
 ) -> tuple[list[tuple[FigureEntry, list[str]]], dict[str, float]]:
@@ -237,7 +240,7 @@ def _make_figures(
         if png is not None:
             figures.append((FigureEntry(name, title, caption, png), srcs))
 
-    training = collect_training(results_dir, specs, sources)
+    training = collect_training(inputs.metrics, sources)
     for spec in specs:
         png = figs.training_curves(training, spec.name)
         if png is None:
@@ -250,7 +253,9 @@ def _make_figures(
             png,
             srcs,
         )
-    entries, used = load_pca_entries(results_dir, specs, sources, notes)
+    entries, used = load_pca_entries(inputs.pca, sources, notes)
+    if not entries:
+        notes.append("PCA maps: no pca.pt was given" if not inputs.pca else "PCA maps: every pca.pt is missing")
     add(
         "pca_maps.png",
         "PCA maps of patch features",
@@ -259,8 +264,8 @@ def _make_figures(
         used,
     )
     png = figs.rasa_rounds(rasa_frame)
-    if png is None:
-        notes.append("RASA figure: no RASA report found")
+    if png is None and inputs.rasa:
+        notes.append("RASA figure: every RASA report is missing")
     add(
         "rasa_rounds.png",
         "Position decodability per RASA round",
@@ -269,7 +274,7 @@ def _make_figures(
         png,
         sorted(set(rasa_frame["source"])),
     )
-    grid, ratio = masking_setup(results_dir, specs)
+    grid, ratio = masking_setup(sources, inputs.metrics)
     png, cvs = figs.masking_frequency_maps(grid, ratio, mask_draws)
     cv_text = "; ".join(f"{k}: CV {v:.3f}" for k, v in cvs.items())
     add(
@@ -280,42 +285,73 @@ def _make_figures(
         png,
         [],
     )
-    figures += _dedup_figures(Path(data_dir), sources, notes)
+    figures += _dedup_figures(inputs.dedup, sources, notes)
     return figures, cvs
 
 
+def _header(preset: str, specs: list, inputs: PaperInputs, sources: SourceIndex, code: Mapping, built: str) -> Header:
+    """Preset, scope statement, experiments, commit, date and the datasets (manifests + dedup report)."""
+    keys = {p: sources.add(p) for p in inputs.manifests if p.is_file()}
+    datasets = hdr.datasets([p for p in inputs.manifests if p.is_file()], hdr.kept_after_dedup(inputs.dedup), keys)
+    commits = sorted({str(r["git_commit"]) for r in sources.records.values() if r.get("git_commit")})
+    dirty = " (uncommitted changes)" if code.get("dirty") else ""
+    meta = [
+        ("preset", preset),
+        ("experiments", "; ".join(f"{s.name} (seeds {', '.join(map(str, s.seeds))})" for s in specs)),
+        ("commit", f"{code.get('git_commit') or 'unknown'}{dirty} (this page)"),
+        ("results from", _commits_text(commits)),
+        ("built", built),
+        ("source files", str(len(sources.records))),
+    ]
+    return Header(f"Franca reproduction: {preset}", hdr.scope_of(preset), meta, datasets)
+
+
+def _commits_text(commits: list[str]) -> str:
+    if not commits:
+        return "no recorded commit"
+    more = f" and {len(commits) - 3} more (see the source files)" if len(commits) > 3 else ""
+    return f"{len(commits)} commit(s): " + ", ".join(commits[:3]) + more
+
+
 def build_paper(
-    results_dir: Path,
+    inputs: PaperInputs,
     out_dir: Path,
     *,
     experiments: Mapping,
     preset: str,
     reference_yaml: Path | None = None,
-    data_dir: Path | None = None,
+    root: Path | None = None,
+    code: Mapping | None = None,
     mask_draws: int = 4000,
     pca_images: int = 4,
     dense_dataset: str | None = None,
 ) -> dict:
-    """Aggregate ``results_dir`` into ``out_dir``; returns a summary (written files, inputs with sha256, notes).
+    """Aggregate the given result files into ``out_dir``; returns a summary (written files, inputs, notes).
 
-    ``experiments``: ``{name: {seeds, highres, rasa}}`` as in ``config.yaml``; ``data_dir`` defaults to
-    ``results_dir/../data`` (for the dedup report); ``dense_dataset``: ``data.dense.dataset`` of the run (the
-    reference table compares dense metrics on the dataset they were published on only).
+    ``inputs``: the files of the ``paper`` rule (nothing else is read, except the ``provenance.json`` records that
+    describe them and the dedup stage's ``pairs.png`` beside its report); ``experiments``: ``{name: {seeds,
+    highres, rasa}}`` as in ``config.yaml``; ``root``: the project root that source paths are relative to (default:
+    the working directory); ``code``: ``{git_commit, dirty}`` of this build (default: franca.provenance);
+    ``dense_dataset``: ``data.dense.dataset`` of the run (the reference table compares dense metrics on the dataset
+    they were published on only).
     """
-    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     specs = parse_experiments(experiments)
-    root = results_dir.resolve().parent
-    sources = SourceIndex(root)
+    sources = SourceIndex(Path(root) if root is not None else Path.cwd())
     notes: list[str] = []
+    if code is None:
+        from franca.provenance import code_version
 
-    evals = collect_evals(results_dir, specs, sources)
-    lookup = EvalLookup(evals)
+        code = code_version()
+
+    lookup = EvalLookup(collect_evals(inputs.evals, sources))
     reference = load_reference(reference_yaml)
     ref_key = sources.add(Path(reference_yaml)) if reference_yaml is not None else None
+    rasa_frame = collect_rasa(inputs.rasa, sources)
     tables = [
         main_table(specs, lookup),
         ablation_table(specs, lookup),
-        rasa_table(specs, rasa_frame := collect_rasa(results_dir, specs, sources)),
+        rasa_table(specs, rasa_frame),
         reference_table(preset, reference, ref_key, specs, lookup, dense_dataset),
     ]
     for table in tables:
@@ -323,9 +359,7 @@ def build_paper(
         atomic_write_text(out_dir / f"{table.name}.md", to_markdown(table))
         atomic_write_text(out_dir / f"{table.name}.tex", to_latex(table))
 
-    figures, cvs = _make_figures(
-        results_dir, specs, sources, rasa_frame, notes, data_dir or root / "data", mask_draws, pca_images
-    )
+    figures, cvs = _make_figures(inputs, specs, sources, rasa_frame, notes, mask_draws, pca_images)
     written = {fig.name for fig, _ in figures}
     for fig, _ in figures:
         atomic_write_bytes(out_dir / "figures" / fig.name, fig.png)
@@ -334,14 +368,11 @@ def build_paper(
             log.info("paper: removing stale figure %s", stale)
             stale.unlink()
 
+    built = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    head = _header(preset, specs, inputs, sources, code, built)
     numbers = _numbers(tables, figures, sources)
     atomic_write_text(out_dir / "numbers.json", json.dumps(numbers, indent=1, allow_nan=False, default=str) + "\n")
-    lines = [
-        f"preset: {preset}",
-        "experiments: " + ", ".join(f"{s.name} (seeds {list(s.seeds)})" for s in specs),
-        f"{len(sources.records)} source files",
-    ]
-    page = render_index("Franca reproduction: results", lines, tables, [f for f, _ in figures], sources.records, notes)
+    page = render_index(head, {t.name: t for t in tables}, [f for f, _ in figures], sources.records, notes)
     atomic_write_text(out_dir / "index.html", page)
     log.info("paper: %d tables, %d figures, %d sources -> %s", len(tables), len(figures), len(sources.records), out_dir)
     return {

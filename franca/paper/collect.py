@@ -1,15 +1,17 @@
-"""Read a workflow run's results tree into tidy pandas frames (the `paper` rule, issue 2 item 8, issue 5 item 4).
+"""Read the result files the ``paper`` rule hands the stage into tidy pandas frames (issue 2 item 8, issue 11).
 
-The layout is the one of ``docs/interfaces.md`` ("Workflow layout"):
+The stage reads exactly the files it is given (``PaperInputs``), never a directory listing. Their layout is the one
+of ``docs/interfaces.md`` ("Workflow layout"):
 
 * ``results/eval/{exp}/s{seed}/{ckpt}/{bench}[_rasa].json``: eval JSON ``{benchmark, checkpoint, rasa, metrics,
   details}``;
 * ``results/rasa/{exp}/s{seed}/{ckpt}/report.json``: per-round rows ``r2_x, r2_pos, r2_no_pos, cos_no_pos_x``;
 * ``results/pretrain/{exp}/s{seed}/stage{i}/metrics.jsonl`` and ``results/highres/{exp}/s{seed}/metrics.jsonl``;
+* ``results/features/{exp}/s{seed}/{ckpt}/pca.pt``: ``{pca_images, pca_patch_tokens}`` of the PCA-maps figure;
 * ``provenance.json`` beside every artifact.
 
 Every frame carries the path of the file each number came from, so that the tables can link each cell to its
-sources (``SourceIndex``). Paths are POSIX strings relative to the project root (the parent of ``results/``).
+sources (``SourceIndex``). Paths are POSIX strings relative to the project root (the working directory).
 """
 
 from __future__ import annotations
@@ -150,6 +152,11 @@ class SourceIndex:
         self.records[key] = record
         return key
 
+    def provenance_of(self, path: Path) -> dict | None:
+        """The provenance record that describes ``path`` (see ``_find_provenance``), or ``None``."""
+        found = self._find_provenance(Path(path), self.rel(path))
+        return found[1] if found else None
+
     def _load(self, prov_path: Path) -> dict:
         if prov_path not in self._cache:
             prov = read_json(prov_path, "provenance.json")
@@ -189,6 +196,44 @@ def _listed_hash(outputs: Mapping, key: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------- evaluations
+# ----------------------------------------------------------------------------------------------- input lists
+@dataclass
+class PaperInputs:
+    """The files the ``paper`` rule hands the stage (``paper_inputs`` in ``workflow/rules/common.smk``), nothing else.
+
+    Paths follow the workflow layout: ``.../eval/{exp}/s{seed}/{ckpt}/{bench}[_rasa].json``,
+    ``.../rasa/{exp}/s{seed}/{ckpt}/report.json``, ``.../features/{exp}/s{seed}/{ckpt}/pca.pt``,
+    ``.../pretrain/{exp}/s{seed}/stage{i}/metrics.jsonl``, ``.../highres/{exp}/s{seed}/metrics.jsonl``. A listed
+    file is an expected result: if it is absent, its cells read "missing"; a result that is not listed was not
+    configured and is left out.
+    """
+
+    evals: list[Path] = field(default_factory=list)
+    metrics: list[Path] = field(default_factory=list)
+    rasa: list[Path] = field(default_factory=list)
+    pca: list[Path] = field(default_factory=list)
+    dedup: list[Path] = field(default_factory=list)  # one report per deduplicated training dataset
+    manifests: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dedup, str | Path):
+            self.dedup = [self.dedup]
+        for name in ("evals", "metrics", "rasa", "pca", "dedup", "manifests"):
+            setattr(self, name, [Path(p) for p in getattr(self, name) or []])
+
+
+_RUN_PATH = re.compile(r"(?:^|/)(?P<exp>[^/]+)/s(?P<seed>\d+)/(?P<ckpt>[^/]+)/(?P<file>[^/]+)$")
+
+
+def run_of(path: Path, what: str) -> tuple[str, int, str]:
+    """(experiment, seed, checkpoint) of a result file from its path ``.../{exp}/s{seed}/{ckpt}/{file}``."""
+    match = _RUN_PATH.search(Path(path).as_posix())
+    if match is None:
+        raise PaperInputError(f"{path}: not a {what} path of the workflow layout (.../{{exp}}/s{{seed}}/{{ckpt}}/file)")
+    return match["exp"], int(match["seed"]), match["ckpt"]
+
+
+# ----------------------------------------------------------------------------------------------- evaluations
 def load_eval_json(path: Path) -> dict:
     """One eval JSON, validated: ``metrics`` must map names to finite-or-NaN numbers."""
     data = read_json(path, "eval JSON")
@@ -205,34 +250,32 @@ def load_eval_json(path: Path) -> dict:
     return data
 
 
-def _is_eval_file(path: Path) -> bool:
-    return path.suffix == ".json" and "provenance" not in path.name
-
-
-def collect_evals(results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex) -> pd.DataFrame:
-    """Every eval JSON of the configured experiments as tidy rows.
+def collect_evals(paths: Iterable[Path], sources: SourceIndex) -> pd.DataFrame:
+    """Every listed eval JSON as tidy rows.
 
     Columns: exp, seed, ckpt, benchmark, rasa, metric, value, source. One row per metric; ``details`` of each file
-    are kept in ``frame.attrs["details"][source]`` (overclustering needs the number of classes).
+    are kept in ``frame.attrs["details"][source]`` (overclustering needs the number of classes), and
+    ``frame.attrs["expected"]`` holds the (exp, seed, ckpt, benchmark, rasa) of every listed file, present or not.
     """
-    rows, details = [], {}
-    for spec in specs:
-        for seed in spec.seeds:
-            for ckpt in CHECKPOINTS:
-                folder = Path(results_dir) / "eval" / spec.name / f"s{seed}" / ckpt
-                if not folder.is_dir():
-                    continue
-                for path in sorted(p for p in folder.iterdir() if _is_eval_file(p)):
-                    data = load_eval_json(path)
-                    stem_rasa = path.stem.endswith("_rasa")
-                    bench = str(data.get("benchmark") or (path.stem[: -len("_rasa")] if stem_rasa else path.stem))
-                    rasa = bool(data.get("rasa", stem_rasa))
-                    key = sources.add(path)
-                    details[key] = data.get("details", {})
-                    for metric, value in data["metrics"].items():
-                        rows.append((spec.name, seed, ckpt, bench, rasa, str(metric), float(value), key))
+    rows, details, expected = [], {}, set()
+    for path in map(Path, paths):
+        exp, seed, ckpt = run_of(path, "eval JSON")
+        stem_rasa = path.stem.endswith("_rasa")
+        bench, rasa = path.stem.removesuffix("_rasa"), stem_rasa
+        expected.add((exp, seed, ckpt, bench, rasa))
+        if not path.is_file():
+            log.warning("paper: expected eval result %s is missing", path)
+            continue
+        data = load_eval_json(path)
+        if str(data.get("benchmark") or bench) != bench or bool(data.get("rasa", rasa)) != rasa:
+            raise PaperInputError(f"{path}: benchmark/rasa inside the file disagree with its name")
+        key = sources.add(path)
+        details[key] = data.get("details", {})
+        for metric, value in data["metrics"].items():
+            rows.append((exp, seed, ckpt, bench, rasa, str(metric), float(value), key))
     frame = pd.DataFrame(rows, columns=["exp", "seed", "ckpt", "benchmark", "rasa", "metric", "value", "source"])
     frame.attrs["details"] = details
+    frame.attrs["expected"] = expected
     return frame
 
 
@@ -247,26 +290,31 @@ def _rasa_rounds(data: object, path: Path) -> list[dict]:
     return rounds
 
 
-def collect_rasa(results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex) -> pd.DataFrame:
-    """Per-round RASA rows. Columns: exp, seed, ckpt, round, r2_x, r2_pos, r2_no_pos, cos_no_pos_x, source."""
-    rows = []
-    for spec in specs:
-        for seed in spec.seeds:
-            for ckpt in CHECKPOINTS:
-                path = Path(results_dir) / "rasa" / spec.name / f"s{seed}" / ckpt / "report.json"
-                if not path.is_file():
-                    continue
-                rounds = _rasa_rounds(read_json(path, "RASA report"), path)
-                key = sources.add(path)
-                for i, row in enumerate(rounds):
-                    values = []
-                    for name in RASA_FIELDS:
-                        value = row.get(name, row.get(_RASA_ALIASES.get(name, name), math.nan))
-                        if isinstance(value, bool) or not isinstance(value, int | float):
-                            raise PaperInputError(f"{path}: malformed RASA report: round {i} {name}={value!r}")
-                        values.append(float(value))
-                    rows.append((spec.name, seed, ckpt, int(row.get("round", i)), *values, key))
-    return pd.DataFrame(rows, columns=["exp", "seed", "ckpt", "round", *RASA_FIELDS, "source"])
+def collect_rasa(paths: Iterable[Path], sources: SourceIndex) -> pd.DataFrame:
+    """Per-round RASA rows. Columns: exp, seed, ckpt, round, r2_x, r2_pos, r2_no_pos, cos_no_pos_x, source.
+
+    ``frame.attrs["expected"]``: the (exp, seed, ckpt) of every listed report, present or not.
+    """
+    rows, expected = [], set()
+    for path in map(Path, paths):
+        exp, seed, ckpt = run_of(path, "RASA report")
+        expected.add((exp, seed, ckpt))
+        if not path.is_file():
+            log.warning("paper: expected RASA report %s is missing", path)
+            continue
+        rounds = _rasa_rounds(read_json(path, "RASA report"), path)
+        key = sources.add(path)
+        for i, row in enumerate(rounds):
+            values = []
+            for name in RASA_FIELDS:
+                value = row.get(name, row.get(_RASA_ALIASES.get(name, name), math.nan))
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise PaperInputError(f"{path}: malformed RASA report: round {i} {name}={value!r}")
+                values.append(float(value))
+            rows.append((exp, seed, ckpt, int(row.get("round", i)), *values, key))
+    frame = pd.DataFrame(rows, columns=["exp", "seed", "ckpt", "round", *RASA_FIELDS, "source"])
+    frame.attrs["expected"] = expected
+    return frame
 
 
 # ----------------------------------------------------------------------------------------------- training logs
@@ -288,40 +336,46 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _training_phases(results_dir: Path, exp: str, seed: int) -> list[tuple[str, Path]]:
-    """(phase name, metrics.jsonl) in training order: pretrain stage1..n, then highres."""
-    phases = []
-    base = Path(results_dir) / "pretrain" / exp / f"s{seed}"
-    if base.is_dir():
-        stages = sorted((int(m.group(1)), p) for p in base.iterdir() if (m := _STAGE.match(p.name)))
-        phases += [(p.name, p / "metrics.jsonl") for _, p in stages if (p / "metrics.jsonl").is_file()]
-    highres = Path(results_dir) / "highres" / exp / f"s{seed}" / "metrics.jsonl"
-    if highres.is_file():
-        phases.append(("highres", highres))
-    return phases
+def training_phase(path: Path) -> tuple[str, int, str, int]:
+    """(exp, seed, phase, order) of ``pretrain/{exp}/s{seed}/stage{i}/metrics.jsonl`` or
+    ``highres/{exp}/s{seed}/metrics.jsonl``; ``order`` sorts the phases in training order (stages, then highres)."""
+    path = Path(path)
+    if (m := _STAGE.match(path.parent.name)) is not None:
+        exp, seed, phase = run_of(path, "metrics.jsonl")
+        return exp, seed, phase, int(m.group(1))
+    seed_dir = path.parent
+    if len(path.parts) >= 4 and path.parts[-4] == "highres" and re.fullmatch(r"s\d+", seed_dir.name):
+        return seed_dir.parent.name, int(seed_dir.name[1:]), "highres", 1 << 30
+    raise PaperInputError(f"{path}: not a pretrain stage{{i}}/ or highres/ metrics.jsonl of the workflow layout")
 
 
-def collect_training(results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex) -> pd.DataFrame:
+def collect_training(paths: Iterable[Path], sources: SourceIndex) -> pd.DataFrame:
     """Loss terms over iterations. Columns: exp, seed, phase, iteration (global), term, value, source.
 
     A term is every numeric key whose name contains ``loss``. When a phase restarts its iteration counter, its
     iterations are offset so that the x axis stays monotone across phases.
     """
+    runs: dict[tuple[str, int], list[tuple[int, str, Path]]] = {}
+    for path in map(Path, paths):
+        exp, seed, phase, order = training_phase(path)
+        if not path.is_file():
+            log.warning("paper: expected training log %s is missing", path)
+            continue
+        runs.setdefault((exp, seed), []).append((order, phase, path))
     rows = []
-    for spec in specs:
-        for seed in spec.seeds:
-            offset = 0
-            for phase, path in _training_phases(results_dir, spec.name, seed):
-                records = _read_jsonl(path)
-                key = sources.add(path)
-                iters = [_iteration(r, i) for i, r in enumerate(records)]
-                if iters and min(iters) < offset:  # counter restarted in this phase
-                    iters = [it + offset for it in iters]
-                for it, rec in zip(iters, records, strict=True):
-                    for term, value in rec.items():
-                        if "loss" in term and isinstance(value, int | float) and not isinstance(value, bool):
-                            rows.append((spec.name, seed, phase, it, term, float(value), key))
-                offset = max(iters, default=offset)
+    for (exp, seed), phases in runs.items():
+        offset = 0
+        for _, phase, path in sorted(phases):
+            records = _read_jsonl(path)
+            key = sources.add(path)
+            iters = [_iteration(r, i) for i, r in enumerate(records)]
+            if iters and min(iters) < offset:  # counter restarted in this phase
+                iters = [it + offset for it in iters]
+            for it, rec in zip(iters, records, strict=True):
+                for term, value in rec.items():
+                    if "loss" in term and isinstance(value, int | float) and not isinstance(value, bool):
+                        rows.append((exp, seed, phase, it, term, float(value), key))
+            offset = max(iters, default=offset)
     return pd.DataFrame(rows, columns=["exp", "seed", "phase", "iteration", "term", "value", "source"])
 
 
@@ -333,50 +387,52 @@ def _iteration(record: dict, index: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- other inputs
-def masking_setup(results_dir: Path, specs: list[ExperimentSpec]) -> tuple[tuple[int, int], tuple[float, float]]:
-    """Patch grid and mask ratio range of the run, from a pretrain stage's resolved config; else the paper's."""
-    for spec in sorted(specs, key=lambda s: s.name != "franca"):
-        for prov in sorted((Path(results_dir) / "pretrain" / spec.name).glob("s*/stage*/provenance.json")):
-            prov_data = read_json(prov, "provenance.json")
-            cfg = prov_data.get("config") if isinstance(prov_data, dict) else None
-            try:
-                side = int(cfg["crops"]["global_crops_size"]) // int(cfg["model"]["patch_size"])
-                lo, hi = (float(x) for x in cfg["ibot"]["mask_ratio_min_max"])
-                return (side, side), (lo, hi)
-            except (KeyError, TypeError, ValueError):
-                continue  # not a pretrain config; try the next
+def masking_setup(sources: SourceIndex, metrics: Iterable[Path]) -> tuple[tuple[int, int], tuple[float, float]]:
+    """Patch grid and mask ratio range of the run, from the resolved config in the provenance of a pretrain
+    ``metrics.jsonl`` (franca's first); else the paper's."""
+    logs = [Path(p) for p in metrics if Path(p).is_file() and _STAGE.match(Path(p).parent.name)]
+    for path in sorted(logs, key=lambda p: run_of(p, "metrics.jsonl")[0] != "franca"):
+        prov = sources.provenance_of(path)
+        cfg = (prov or {}).get("config")
+        try:
+            side = int(cfg["crops"]["global_crops_size"]) // int(cfg["model"]["patch_size"])
+            lo, hi = (float(x) for x in cfg["ibot"]["mask_ratio_min_max"])
+            return (side, side), (lo, hi)
+        except (KeyError, TypeError, ValueError):
+            continue  # not a pretrain config; try the next
     return (16, 16), (0.1, 0.5)  # 224 px / patch 14; DINOv2's mask_ratio_min_max
 
 
 def load_pca_entries(
-    results_dir: Path, specs: Iterable[ExperimentSpec], sources: SourceIndex, notes: list[str]
+    paths: Iterable[Path], sources: SourceIndex, notes: list[str]
 ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[str]]:
-    """(label, images (n,H,W,3) uint8, patch tokens (n,h,w,D)) from each experiment's first-seed features cache."""
+    """(label, images (n,H,W,3) uint8, patch tokens (n,h,w,D)) from each model's ``pca.pt`` (the features stage's
+    ``{pca_images, pca_patch_tokens}``), first seed of each experiment x checkpoint."""
     import torch  # only this reader needs it
 
-    entries, used = [], []
-    for spec in specs:
-        seed = spec.seeds[0]
-        for ckpt in spec.checkpoints:
-            path = Path(results_dir) / "features" / spec.name / f"s{seed}" / ckpt / "features.pt"
-            if not path.is_file():
-                notes.append(f"PCA maps: no features cache for {spec.name} s{seed} {ckpt}")
-                continue
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:  # noqa: BLE001 - any unreadable cache is reported with its path
-                raise PaperInputError(f"{path}: cannot load features cache: {err}") from err
-            if not isinstance(data, dict) or not {"pca_images", "pca_patch_tokens"} <= set(data):
-                notes.append(f"PCA maps: {sources.rel(path)} has no 'pca_images'/'pca_patch_tokens'")
-                continue
-            images, tokens = (_as_numpy(data[k], torch) for k in ("pca_images", "pca_patch_tokens"))
-            if images.ndim != 4 or images.shape[-1] != 3 or tokens.ndim != 4 or len(images) != len(tokens):
-                raise PaperInputError(
-                    f"{path}: pca_images must be (n,H,W,3) and pca_patch_tokens (n,h,w,D), got "
-                    f"{images.shape} and {tokens.shape}"
-                )
-            entries.append((f"{spec.name} s{seed}\n{ckpt}", images, tokens))
-            used.append(sources.add(path))
+    entries, used, seen = [], [], set()
+    for path in map(Path, paths):
+        exp, seed, ckpt = run_of(path, "pca.pt")
+        if (exp, ckpt) in seen:
+            continue
+        if not path.is_file():
+            notes.append(f"PCA maps: expected {sources.rel(path)} is missing")
+            continue
+        seen.add((exp, ckpt))
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported with its path
+            raise PaperInputError(f"{path}: cannot load the PCA images: {err}") from err
+        if not isinstance(data, dict) or not {"pca_images", "pca_patch_tokens"} <= set(data):
+            raise PaperInputError(f"{path}: expected a dict with 'pca_images' and 'pca_patch_tokens'")
+        images, tokens = (_as_numpy(data[k], torch) for k in ("pca_images", "pca_patch_tokens"))
+        if images.ndim != 4 or images.shape[-1] != 3 or tokens.ndim != 4 or len(images) != len(tokens):
+            raise PaperInputError(
+                f"{path}: pca_images must be (n,H,W,3) and pca_patch_tokens (n,h,w,D), got "
+                f"{images.shape} and {tokens.shape}"
+            )
+        entries.append((f"{exp} s{seed}\n{ckpt}", images, tokens))
+        used.append(sources.add(path))
     return entries, used
 
 

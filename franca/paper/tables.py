@@ -74,7 +74,11 @@ class Cell:
 
 @dataclass
 class Table:
-    """Rows of (labels, cells) under ``index`` label headers and ``columns`` value headers."""
+    """Rows of (labels, cells, note) under ``index`` label headers and ``columns`` value headers.
+
+    ``secondary``: keys of columns the page collapses by default (they stay in every file); ``footnotes``: what was
+    left out because it was not configured, printed under the table.
+    """
 
     name: str
     title: str
@@ -82,6 +86,8 @@ class Table:
     index: list[str]
     columns: list[tuple[str, str]]  # (csv key, display label)
     rows: list[tuple[list[str], list[Cell], str]] = field(default_factory=list)  # labels, cells, row note
+    secondary: set[str] = field(default_factory=set)
+    footnotes: list[str] = field(default_factory=list)
 
     def add(self, labels: Sequence[str], cells: Sequence[Cell], note: str = "") -> None:
         i = len(self.rows)
@@ -150,26 +156,41 @@ MAIN_COLUMNS = (
 )
 
 
+# columns the page collapses by default (secondary to the paper's claims); every file keeps them
+SECONDARY = {"knn_top5", "linear_top1_holdout", "logreg_top1", "overcluster_miou_kc", "overcluster_miou_kmax"}
+
+
 class EvalLookup:
-    """Per-file metrics of the eval frame, keyed (exp, seed, ckpt, benchmark, rasa)."""
+    """Per-file metrics of the eval frame, keyed (exp, seed, ckpt, benchmark, rasa), and the files the run expected
+    (``evals.attrs["expected"]``; without it, every file present counts as expected)."""
 
     def __init__(self, evals: pd.DataFrame) -> None:
         self.details: Mapping[str, Mapping] = evals.attrs.get("details", {})
         self.files: dict[tuple, tuple[dict[str, float], str]] = {}
         for key, group in evals.groupby(["exp", "seed", "ckpt", "benchmark", "rasa"], sort=False):
             self.files[tuple(key)] = (dict(zip(group["metric"], group["value"], strict=True)), group["source"].iloc[0])
+        self.expected: set[tuple] = set(evals.attrs.get("expected", self.files))
         # percent scaling per benchmark: fractions when every accuracy/mIoU metric lies in [0, 1]
         pct = evals[evals["metric"].str.match(_PCT_METRIC)]
         self.scale = {b: (100.0 if g["value"].abs().max() <= 1.0 else 1.0) for b, g in pct.groupby("benchmark")}
 
+    def configured(self, benchmark: str, exp: str | None = None, ckpt: str | None = None, rasa: bool = False) -> bool:
+        """Whether the run expected any result of ``benchmark`` (for ``exp`` / ``ckpt`` when given)."""
+        return any(
+            b == benchmark and r == rasa and exp in (None, e) and ckpt in (None, c) for e, _, c, b, r in self.expected
+        )
+
     def cell(self, col: MetricColumn, exp: str, seeds: Sequence[int], ckpt: str, rasa: bool) -> tuple[Cell, list]:
-        """Aggregate ``col`` over ``seeds``; returns the cell and the seeds whose file or metric is missing."""
+        """Aggregate ``col`` over ``seeds``; returns the cell and the seeds whose expected file or metric is missing
+        (a seed whose file the run did not expect is neither a value nor missing)."""
         values, sources, missing = [], [], []
         for seed in seeds:
-            found = self.files.get((exp, seed, ckpt, col.benchmark, rasa))
+            key = (exp, seed, ckpt, col.benchmark, rasa)
+            found = self.files.get(key)
             value = col.pick(_rasa_view(found[0], rasa), self.details.get(found[1], {})) if found else None
             if value is None:
-                missing.append(seed)
+                if key in self.expected:
+                    missing.append(seed)
                 continue
             scale = self.scale.get(col.benchmark, 1.0) if col.kind == "pct" else 1.0
             values.append(value * scale)
@@ -194,38 +215,55 @@ def _join(notes: Sequence[str]) -> str:
     return "; ".join(dict.fromkeys(n for n in notes if n))
 
 
+def _names(items: Sequence[str]) -> str:
+    return ", ".join(items)
+
+
+def _configured_columns(columns: Sequence[MetricColumn], lookup: EvalLookup, table: str) -> tuple[list, str]:
+    """The columns whose benchmark the run configured, and a footnote naming the others."""
+    kept = [c for c in columns if lookup.configured(c.benchmark)]
+    dropped = list(dict.fromkeys(c.benchmark for c in columns if c not in kept))
+    note = f"Not configured in this run, so left out of the {table} table: {_names(dropped)}." if dropped else ""
+    return kept, note
+
+
 # ----------------------------------------------------------------------------------------------- builders
 def main_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
-    """One row per experiment x checkpoint; dense metrics without RASA (RASA is in the ablation table)."""
+    """One row per experiment x configured checkpoint; dense metrics without RASA (RASA is in the ablation table)."""
+    cols, dropped = _configured_columns(MAIN_COLUMNS, lookup, "main")
     table = Table(
         "main",
         "Main results",
         "Mean ± std over seeds (n seeds). Dense metrics on patch tokens without RASA.",
         ["experiment", "checkpoint"],
-        [(c.key, c.label) for c in MAIN_COLUMNS],
+        [(c.key, c.label) for c in cols],
+        secondary=SECONDARY & {c.key for c in cols},
     )
     for spec in specs:
-        for ckpt in ("pretrain", "highres"):
-            if ckpt not in spec.checkpoints:
-                table.add([spec.name, ckpt], [Cell(c.kind) for c in MAIN_COLUMNS], "highres: false for this experiment")
-                continue
+        for ckpt in spec.checkpoints:
             cells, notes = [], []
-            for col in MAIN_COLUMNS:
+            for col in cols:
                 cell, missing = lookup.cell(col, spec.name, spec.seeds, ckpt, False)
                 cells.append(cell)
                 notes.append(_missing_note(col, missing))
             table.add([spec.name, ckpt], cells, _join(notes))
+    no_hr = [s.name for s in specs if not s.highres]
+    if no_hr and len(no_hr) < len(specs):
+        table.footnotes.append(f"No highres rows for {_names(no_hr)}: highres: false for these experiments.")
+    table.footnotes += [dropped] if dropped else []
     return table
 
 
 def ablation_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
     """{baseline, +MRL, +CyclicMask, Franca} x {no RASA, RASA} on the dense metrics, delta vs the baseline.
 
-    The baseline of every delta is the DINOv2 baseline without RASA at the same checkpoint.
+    The baseline of every delta is the DINOv2 baseline without RASA at the same checkpoint. Rows of variants,
+    checkpoints or RASA that the run did not configure are left out, with a footnote.
     """
     by_name = {s.name: s for s in specs}
+    cols, dropped = _configured_columns(DENSE_COLUMNS, lookup, "ablation")
     columns = []
-    for col in DENSE_COLUMNS:
+    for col in cols:
         columns += [(col.key, col.label), (f"{col.key}_delta", "Δ")]
     table = Table(
         "ablation",
@@ -234,31 +272,43 @@ def ablation_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table
         "DINOv2 baseline without RASA at the same checkpoint.",
         ["checkpoint", "variant", "RASA"],
         columns,
+        secondary={k for k, _ in columns if k.removesuffix("_delta") in SECONDARY},
     )
-    ckpts = ["pretrain"] + (["highres"] if any(s.highres for s in specs) else [])
-    for ckpt in ckpts:
+    if not cols:
+        table.footnotes.append("No dense benchmark is configured in this run, so the ablation has no rows.")
+        return table
+    absent = [label for name, label in ABLATION_VARIANTS if name not in by_name]
+    no_hr, no_rasa = [], []
+    for ckpt in ["pretrain"] + (["highres"] if any(s.highres for s in specs) else []):
         base_spec = by_name.get(ABLATION_VARIANTS[0][0])
         base = {}
         if base_spec is not None and ckpt in base_spec.checkpoints:
-            base = {c.key: lookup.cell(c, base_spec.name, base_spec.seeds, ckpt, False)[0] for c in DENSE_COLUMNS}
+            base = {c.key: lookup.cell(c, base_spec.name, base_spec.seeds, ckpt, False)[0] for c in cols}
         for name, label in ABLATION_VARIANTS:
+            spec = by_name.get(name)
+            if spec is None:
+                continue
+            if ckpt not in spec.checkpoints:
+                no_hr.append(label)
+                continue
             for rasa in (False, True):
-                table.add(
-                    [ckpt, label, "yes" if rasa else "no"], *_ablation_row(by_name.get(name), ckpt, rasa, lookup, base)
-                )
+                if rasa and not spec.rasa:
+                    no_rasa += [label] if ckpt == "pretrain" else []
+                    continue
+                table.add([ckpt, label, "yes" if rasa else "no"], *_ablation_row(spec, ckpt, rasa, lookup, base, cols))
+    if absent:
+        table.footnotes.append(f"Variants not configured in this run: {_names(absent)}.")
+    if no_hr:
+        table.footnotes.append(f"No highres rows for {_names(no_hr)}: highres: false for these experiments.")
+    if no_rasa:
+        table.footnotes.append(f"No RASA rows for {_names(no_rasa)}: rasa: false for these experiments.")
+    table.footnotes += [dropped] if dropped else []
     return table
 
 
-def _ablation_row(spec, ckpt, rasa, lookup, base) -> tuple[list[Cell], str]:
-    empty = [Cell(k) for c in DENSE_COLUMNS for k in (c.kind, f"delta-{c.kind}")]
-    if spec is None:
-        return empty, "experiment not configured"
-    if ckpt not in spec.checkpoints:
-        return empty, "highres: false for this experiment"
-    if rasa and not spec.rasa:
-        return empty, "rasa: false for this experiment"
+def _ablation_row(spec, ckpt, rasa, lookup, base, cols) -> tuple[list[Cell], str]:
     cells, notes = [], []
-    for col in DENSE_COLUMNS:
+    for col in cols:
         cell, missing = lookup.cell(col, spec.name, spec.seeds, ckpt, rasa)
         notes.append(_missing_note(col, missing, rasa))
         ref = base.get(col.key)
@@ -273,7 +323,10 @@ def _ablation_row(spec, ckpt, rasa, lookup, base) -> tuple[list[Cell], str]:
 
 
 def rasa_table(specs: Sequence[ExperimentSpec], rasa: pd.DataFrame) -> Table:
-    """Per round: position R^2 from x, x_pos and x_no_pos, and cos(x_no_pos, x); mean ± std over seeds."""
+    """Per round: position R^2 from x, x_pos and x_no_pos, and cos(x_no_pos, x); mean ± std over seeds.
+
+    Experiments without RASA are left out (footnote); "missing" marks a report the run expected but lacks.
+    """
     labels = {
         "r2_x": "R^2 (x)",
         "r2_pos": "R^2 (x_pos)",
@@ -288,26 +341,26 @@ def rasa_table(specs: Sequence[ExperimentSpec], rasa: pd.DataFrame) -> Table:
         ["experiment", "checkpoint", "round"],
         [(f, labels[f]) for f in RASA_FIELDS],
     )
+    expected = rasa.attrs.get("expected", set(zip(rasa["exp"], rasa["seed"], rasa["ckpt"], strict=True)))
     for spec in specs:
         for ckpt in spec.checkpoints:
-            if not spec.rasa:
-                table.add([spec.name, ckpt, ""], [Cell("r2") for _ in RASA_FIELDS], "rasa: false for this experiment")
-                continue
+            want = sorted(seed for seed in spec.seeds if (spec.name, seed, ckpt) in expected)
             sub = rasa[(rasa["exp"] == spec.name) & (rasa["ckpt"] == ckpt)]
             if sub.empty:
-                table.add([spec.name, ckpt, ""], [Cell("r2") for _ in RASA_FIELDS], "RASA report missing")
+                if want:
+                    table.add([spec.name, ckpt, ""], [Cell("r2") for _ in RASA_FIELDS], "RASA report missing")
                 continue
             for rnd, group in sub.groupby("round", sort=True):
                 cells = [
                     Cell.of("cos" if f.startswith("cos") else "r2", group[f].tolist(), group["source"].tolist())
                     for f in RASA_FIELDS
                 ]
-                absent = sorted(set(spec.seeds) - set(group["seed"]))
-                table.add(
-                    [spec.name, ckpt, str(rnd)],
-                    cells,
-                    f"report missing for seed(s) {', '.join(map(str, absent))}" if absent else "",
-                )
+                absent = sorted(set(want) - set(group["seed"]))
+                note = f"report missing for seed(s) {', '.join(map(str, absent))}" if absent else ""
+                table.add([spec.name, ckpt, str(rnd)], cells, note)
+    no_rasa = [s.name for s in specs if not s.rasa]
+    if no_rasa:
+        table.footnotes.append(f"No RASA rows for {_names(no_rasa)}: rasa: false for these experiments.")
     return table
 
 
@@ -319,25 +372,14 @@ def reference_table(
     lookup: EvalLookup,
     dense_dataset: str | None = None,
 ) -> Table:
-    """Ours beside the published README numbers (spec 8.1) for a paper preset; else the list of paper presets.
+    """Ours beside the published README numbers (spec 8.1) for a paper preset; else every paper preset's numbers.
 
     A dense row compares only on the dataset it was published on (Hummingbird: VOC, linear seg.: ADE20K):
     ``dense_dataset`` is this run's ``data.dense.dataset``; on another dataset our cell stays empty, with a note.
     """
     presets = dict((reference or {}).get("presets", {}))
     if preset not in presets:
-        table = Table(
-            "reference",
-            "Published reference",
-            f"Reference numbers apply to the paper presets only; this run used preset '{preset}'."
-            if presets or not preset.startswith("paper_")
-            else f"No reference file was given for the paper preset '{preset}'.",
-            ["preset", "model", "data", "res"],
-            [],
-        )
-        for name, entry in presets.items():
-            table.add([name, entry.get("model", ""), entry.get("data", ""), entry.get("res", "")], [])
-        return table
+        return _published_table(preset, presets, reference_key, (reference or {}).get("source", ""))
     entry = presets[preset]
     franca = next((s for s in specs if s.name == "franca"), None)
     ckpt = "highres" if franca and franca.highres and int(entry.get("res", 224)) > 224 else "pretrain"
@@ -379,4 +421,31 @@ def reference_table(
             delta.sources = ours.sources + refs[1].sources
         note = "experiment franca not configured" if franca is None else _missing_note(col, missing)
         table.add([col.label], [ours, *refs, delta], note)
+    return table
+
+
+# published columns of config/reference/paper_readme.yaml: (key, label)
+PUBLISHED = (
+    ("knn_v1", "k-NN top-1 (v1.0.0)"),
+    ("linear_v1", "linear top-1 (v1.0.0)"),
+    ("knn_later", "k-NN top-1 (later)"),
+    ("linear_later", "linear top-1 (later)"),
+    ("hummingbird_voc", "Hummingbird mIoU (VOC)"),
+    ("linseg_ade20k", "linear-seg mIoU (ADE20K)"),
+)
+
+
+def _published_table(preset: str, presets: Mapping, reference_key: str | None, source: str) -> Table:
+    """The published numbers of every paper preset, for a run whose preset has none (tiny, small)."""
+    caption = (
+        f"Published numbers of the paper presets ({source}). This run used preset '{preset}', which the paper "
+        "did not publish: its numbers are not comparable to these."
+        if presets or not preset.startswith("paper_")
+        else f"No reference file was given for the paper preset '{preset}'."
+    )
+    table = Table("reference", "Published reference", caption, ["preset", "model", "data", "res"], list(PUBLISHED))
+    srcs = [reference_key] if reference_key else []
+    for name, entry in presets.items():
+        cells = [Cell.of("ref", [entry[k]], srcs) if k in entry else Cell("ref") for k, _ in PUBLISHED]
+        table.add([name, entry.get("model", ""), entry.get("data", ""), entry.get("res", "")], cells)
     return table

@@ -1,4 +1,6 @@
-"""A small fake results tree with known numbers (the paper stage aggregates; the science is tested elsewhere)."""
+"""A fake results tree shaped like a tiny run, with known numbers (the paper aggregates; the science is tested
+elsewhere): eval JSONs, 9-round RASA reports, 100-iteration training logs, ``pca.pt`` with 64 px images, a dedup
+report and a manifest, each with its ``provenance.json``. ``fake_inputs`` lists the files as ``paper_inputs`` does."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+
+from franca.paper.collect import PaperInputs
 
 EXPERIMENTS = {
     "franca": {"seeds": [0, 1], "highres": True, "rasa": True},
@@ -18,6 +23,8 @@ EXPERIMENTS = {
 EXP_OFFSET = {"franca": 0.10, "dinov2": 0.0, "mrl_only": 0.04, "cyclic_only": 0.06}
 CKPT_OFFSET = {"pretrain": 0.0, "highres": 0.02}
 N_CLASSES = 10
+RASA_ROUNDS = 9
+ITERATIONS = 100
 
 
 def metric_value(exp: str, seed: int, ckpt: str, bench: str, metric: str, rasa: bool = False) -> float:
@@ -114,29 +121,26 @@ def write_fake_tree(root: Path) -> Path:
                             "r2_x_no_pos": 0.5 / (r + 1) + 0.01 * seed,
                             "cos_x_no_pos_x": 0.99 - 0.01 * r,
                         }
-                        for r in range(3)
+                        for r in range(RASA_ROUNDS)
                     ]
                     _write_json(results / "rasa" / exp / f"s{seed}" / ckpt / "report.json", rounds)
-                feats = results / "features" / exp / f"s{seed}" / ckpt / "features.pt"
-                feats.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(
-                    {
-                        "pca_images": torch.from_numpy(rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)),
-                        "pca_patch_tokens": torch.randn(3, 4, 4, 8),
-                    },
-                    feats,
-                )
+                feats = results / "features" / exp / f"s{seed}" / ckpt
+                feats.mkdir(parents=True, exist_ok=True)
+                torch.save(_pca_content(rng), feats / "pca.pt")  # as franca.stages.evaluate.run_features writes it
+                _provenance(feats, "features", f"run-feat-{exp}-{seed}-{ckpt}", root)
             stage = results / "pretrain" / exp / f"s{seed}" / "stage1"
             stage.mkdir(parents=True, exist_ok=True)
             lines = [
                 {
                     "iteration": i,
                     "total_loss": 5.0 - 0.01 * i,
-                    "dino_local_crops_loss": 2.0,
-                    "ibot_loss": 1.0,
+                    "dino_local_crops_loss": 2.0 - 0.004 * i,
+                    "dino_global_crops_loss": 1.9 - 0.004 * i,
+                    "koleo_loss": -0.1 - 0.001 * i,
+                    "ibot_loss": 1.0 - 0.002 * i,
                     "lr": 0.1,
                 }
-                for i in range(0, 50, 10)
+                for i in range(ITERATIONS)
             ]
             (stage / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
             cfg = {
@@ -148,9 +152,70 @@ def write_fake_tree(root: Path) -> Path:
             if entry["highres"]:
                 hr = results / "highres" / exp / f"s{seed}"
                 hr.mkdir(parents=True, exist_ok=True)
-                (hr / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "total_loss": 4.0}) + "\n")
-    _write_json(
-        root / "data" / "dedup" / "report.json",
-        {"kept": 90, "removed_by_reason": {"exact": 4, "near": 3, "eval_overlap": 2}},
-    )
+                hr_lines = [{"iteration": i, "total_loss": 4.0 - 0.01 * i, "ibot_loss": 0.8} for i in range(20)]
+                (hr / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in hr_lines) + "\n")
+                _provenance(hr, "highres", f"run-hr-{exp}-{seed}", root)
+    _write_data(root)
     return results
+
+
+def _pca_content(rng: np.random.Generator) -> dict:
+    """4 images of 64 px (a disc on a gradient) and patch tokens (4, 8, 8, 32) that follow the disc."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    images, tokens = [], []
+    for _ in range(4):
+        cy, cx, r = rng.integers(16, 48), rng.integers(16, 48), rng.integers(8, 16)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        img = np.stack([xx * 3, yy * 3, np.full_like(xx, 90)], -1).astype(np.uint8)
+        img[disc] = rng.integers(0, 255, 3, dtype=np.uint8)
+        images.append(img)
+        patch = disc.reshape(8, 8, 8, 8).mean(axis=(1, 3))  # (8, 8) fraction of the disc per patch
+        tokens.append(patch[..., None] * rng.normal(size=32) + 0.1 * rng.normal(size=(8, 8, 32)))
+    return {
+        "pca_images": torch.from_numpy(np.stack(images)),
+        "pca_patch_tokens": torch.from_numpy(np.stack(tokens)).float(),
+    }
+
+
+def _write_data(root: Path) -> None:
+    """data/synth/manifest.parquet (2,000 train, 200 val, 200 test; 7 failed rows) and data/dedup/report.json."""
+    splits = ["train"] * 2000 + ["val"] * 200 + ["test"] * 200
+    manifest = pd.DataFrame(
+        {
+            "key": [f"{i:06d}" for i in range(len(splits) + 7)],
+            "status": ["ok"] * len(splits) + ["failed"] * 7,
+            "split": splits + ["train"] * 7,
+            "source": ["synthetic"] * (len(splits) + 7),
+            "license": ["CC0-1.0"] * (len(splits) + 7),
+        }
+    )
+    (root / "data" / "synth").mkdir(parents=True, exist_ok=True)
+    manifest.to_parquet(root / "data" / "synth" / "manifest.parquet")
+    report = {
+        "train_manifest": "data/synth/manifest.parquet",
+        "n_train": 2000,
+        "kept": 1920,
+        "removed": {"eval_copy": 20, "exact_duplicate": 20, "near_duplicate": 40},
+    }
+    _write_json(root / "data" / "dedup" / "report.json", report)
+    _provenance(root / "data" / "dedup", "dedup", "run-dedup", root)
+
+
+def fake_inputs(root: Path, experiments: dict | None = None, benchmarks: tuple = tuple(BENCH_METRICS)) -> PaperInputs:
+    """The files of the fake run as ``paper_inputs`` (workflow/rules/common.smk) lists them for ``experiments``
+    and ``benchmarks`` (a listed file that the tree lacks is an expected result that failed)."""
+    experiments, results = experiments or EXPERIMENTS, root / "results"
+    inputs = PaperInputs(dedup=[root / "data/dedup/report.json"], manifests=[root / "data/synth/manifest.parquet"])
+    for exp, entry in experiments.items():
+        for seed in entry["seeds"]:
+            inputs.metrics.append(results / f"pretrain/{exp}/s{seed}/stage1/metrics.jsonl")
+            for ckpt in ["pretrain", "highres"] if entry["highres"] else ["pretrain"]:
+                if ckpt == "highres":
+                    inputs.metrics.append(results / f"highres/{exp}/s{seed}/metrics.jsonl")
+                run = f"{exp}/s{seed}/{ckpt}"
+                inputs.evals += [results / f"eval/{run}/{b}.json" for b in benchmarks]
+                if entry["rasa"]:
+                    inputs.evals += [results / f"eval/{run}/{b}_rasa.json" for b in benchmarks if b in DENSE]
+                    inputs.rasa.append(results / f"rasa/{run}/report.json")
+                inputs.pca.append(results / f"features/{run}/pca.pt")
+    return inputs

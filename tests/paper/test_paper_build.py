@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fake_results import EXPERIMENTS, metric_value, write_fake_tree
+from fake_results import EXPERIMENTS, fake_inputs, metric_value, write_fake_tree
 
 from franca.paper.build import build_paper, tex_escape
 from franca.paper.collect import PaperInputError, SourceIndex, collect_evals, parse_experiments
@@ -31,7 +31,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def paper(fake_tree):
     out = fake_tree.parent / "paper_out"
     summary = build_paper(
-        fake_tree, out, experiments=EXPERIMENTS, preset="tiny", reference_yaml=REFERENCE, mask_draws=400
+        fake_inputs(fake_tree.parent),
+        out,
+        experiments=EXPERIMENTS,
+        preset="tiny",
+        reference_yaml=REFERENCE,
+        root=fake_tree.parent,
+        mask_draws=400,
     )
     return out, summary, json.loads((out / "numbers.json").read_text())
 
@@ -70,8 +76,8 @@ def test_main_table_mean_std_over_seeds(paper):
     assert single["knn_top1_n"] == 1 and math.isnan(single["knn_top1_std"])
     missing = _row(df, experiment="dinov2", checkpoint="highres")
     assert missing["linseg_miou_n"] == 1 and "linseg missing for seed(s) 1" in missing["note"]
-    no_hr = _row(df, experiment="mrl_only", checkpoint="highres")
-    assert math.isnan(no_hr["knn_top1"]) and "highres: false" in no_hr["note"]
+    assert not ((df["experiment"] == "mrl_only") & (df["checkpoint"] == "highres")).any()  # not configured
+    assert "No highres rows for mrl_only, cyclic_only: highres: false" in (out / "main.md").read_text()
 
 
 def test_ablation_deltas_vs_baseline(paper):
@@ -86,8 +92,10 @@ def test_ablation_deltas_vs_baseline(paper):
     assert franca_rasa["position_r2_delta"] == pytest.approx(rasa_r2 - base_r2)
     baseline = _row(df, checkpoint="pretrain", variant="DINOv2 baseline", RASA="no")
     assert baseline["hummingbird_miou_delta"] == 0.0 and "baseline of Δ" in baseline["note"]
-    assert "rasa: false" in _row(df, checkpoint="pretrain", variant="+CyclicMask", RASA="yes")["note"]
-    assert "highres: false" in _row(df, checkpoint="highres", variant="+MRL", RASA="no")["note"]
+    assert not ((df["variant"] == "+CyclicMask") & (df["RASA"] == "yes")).any()  # rasa: false, left out
+    assert not ((df["variant"] == "+MRL") & (df["checkpoint"] == "highres")).any()
+    md = (out / "ablation.md").read_text()
+    assert "No RASA rows for +CyclicMask: rasa: false" in md and "No highres rows for +MRL, +CyclicMask" in md
 
 
 def test_rasa_table_per_round(paper):
@@ -97,27 +105,34 @@ def test_rasa_table_per_round(paper):
     mean, std = _mean_std([0.5, 0.51])
     assert row["r2_no_pos"] == pytest.approx(mean) and row["r2_no_pos_std"] == pytest.approx(std)
     assert row["cos_no_pos_x"] == pytest.approx(0.99)
-    assert "rasa: false" in _row(df, experiment="cyclic_only", checkpoint="pretrain")["note"]
+    assert (
+        "cyclic_only" not in set(df["experiment"]) and "No RASA rows for cyclic_only" in (out / "rasa.md").read_text()
+    )
 
 
-def test_reference_table_lists_presets_for_tiny(paper):
-    out, _, _ = paper
+def test_reference_table_shows_published_numbers_for_tiny(paper):
+    """Issue 13 item 5: a run of a preset the paper did not publish shows every published number, not names only."""
+    import yaml
+
+    out, _, numbers = paper
     df = pd.read_csv(out / "reference.csv")
-    assert set(df["preset"]) == {
-        "paper_vitb14_in21k",
-        "paper_vitl14_in21k",
-        "paper_vitl14_laion",
-        "paper_vitg14_in21k",
-        "paper_vitg14_laion",
-    }
-    assert "paper presets only" in (out / "reference.md").read_text()
+    published = yaml.safe_load(REFERENCE.read_text())["presets"]
+    assert list(df["preset"]) == list(published)
+    for name, entry in published.items():
+        row = _row(df, preset=name)
+        for key in ("knn_v1", "linear_v1", "knn_later", "linear_later", "hummingbird_voc", "linseg_ade20k"):
+            assert row[key] == entry[key], (name, key)
+    assert _row(df, preset="paper_vitb14_in21k")["knn_v1"] == 80.9  # by hand from the README
+    assert "not comparable" in (out / "reference.md").read_text()
+    cells = [c for c in numbers["tables"]["reference"]["cells"] if c["text"]]
+    assert len(cells) == 30 and all(c["sources"] == [REFERENCE.resolve().as_posix()] for c in cells)
 
 
 def test_reference_table_for_paper_preset(fake_tree):
     import yaml
 
     specs = parse_experiments(EXPERIMENTS)
-    lookup = EvalLookup(collect_evals(fake_tree, specs, SourceIndex(fake_tree.parent)))
+    lookup = EvalLookup(collect_evals(fake_inputs(fake_tree.parent).evals, SourceIndex(fake_tree.parent)))
     table = reference_table("paper_vitb14_in21k", yaml.safe_load(REFERENCE.read_text()), "ref.yaml", specs, lookup)
     knn = dict(zip([k for k, _ in table.columns], table.rows[0][1], strict=True))
     ours = _mean_std([100 * metric_value("franca", s, "highres", "knn", "top1_k20") for s in (0, 1)])[0]
@@ -132,7 +147,7 @@ def test_reference_dense_rows_compare_on_the_published_dataset(fake_tree):
     import yaml
 
     specs = parse_experiments(EXPERIMENTS)
-    lookup = EvalLookup(collect_evals(fake_tree, specs, SourceIndex(fake_tree.parent)))
+    lookup = EvalLookup(collect_evals(fake_inputs(fake_tree.parent).evals, SourceIndex(fake_tree.parent)))
     ref = yaml.safe_load(REFERENCE.read_text())
     rows = {}
     for dataset in ("voc", "ade20k"):
@@ -179,23 +194,39 @@ def test_html_every_number_linked_and_offline(paper):
     page = (out / "index.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
     assert "http://" not in page and "https://" not in page
+    boxes = dict(re.findall(r'<div class="prov" id="(p\d+)">(.*?)</div>', page, re.S))
     n_linked = 0
     for entry in numbers["tables"].values():
         for cell in entry["cells"]:
             if not cell["text"]:
                 continue
-            link = f'<a class="num" href="#{cell["anchor"]}">{escape(cell["text"])}</a>'
-            assert link in page, cell["anchor"]
-            box = re.search(rf'<div class="prov" id="{cell["anchor"]}">(.*?)</div>', page, re.S)
-            assert box is not None, cell["anchor"]
+            link = re.search(
+                rf'<a class="num" id="{cell["anchor"]}" href="#(p\d+)"[^>]*>{re.escape(escape(cell["text"]))}</a>', page
+            )
+            assert link is not None, cell["anchor"]
+            box = boxes[link.group(1)]
             for src in cell["sources"]:
                 rec = numbers["sources"][src]
-                assert src in box.group(1) and rec["sha256"] in box.group(1)
+                assert escape(src) in box and rec["sha256"] in box
                 if rec["mlflow_run_id"]:
-                    assert rec["mlflow_run_id"] in box.group(1) and rec["git_commit"] in box.group(1)
+                    assert rec["mlflow_run_id"] in box and rec["git_commit"] in box
             n_linked += 1
     assert n_linked > 100
     assert "run-franca-0-pretrain" in page and "commitrun-franca-0-pretrain" in page
+
+
+def test_provenance_shared_between_numbers_of_one_chain(paper):
+    """Issue 15: one provenance box per distinct list of source files, and the page's size is its figures'."""
+    out, summary, numbers = paper
+    page = (out / "index.html").read_text()
+    chains = {tuple(c["sources"]) for e in numbers["tables"].values() for c in e["cells"] if c["text"]}
+    assert (
+        page.count('<div class="prov"')
+        == len(chains)
+        < sum(1 for e in numbers["tables"].values() for c in e["cells"] if c["text"])
+    )
+    figures = sum(len(m) for m in re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", page))
+    assert figures > 0.6 * len(page.encode()), (figures, len(page.encode()))
 
 
 def test_numbers_json_sources(paper, fake_tree):
@@ -243,39 +274,167 @@ def test_cyclic_roll_flattens_masking_frequency(paper):
 
 
 def test_malformed_eval_json_names_file(tmp_path):
-    results = write_fake_tree(tmp_path)
-    bad = results / "eval" / "franca" / "s0" / "pretrain" / "knn.json"
+    write_fake_tree(tmp_path)
+    bad = tmp_path / "results" / "eval" / "franca" / "s0" / "pretrain" / "knn.json"
     bad.write_text('{"benchmark": "knn", "metrics": {"top1_k20": 0.5,')
+    kwargs = {"experiments": EXPERIMENTS, "preset": "tiny", "reference_yaml": None, "root": tmp_path}
     with pytest.raises(PaperInputError, match=re.escape(str(bad))):
-        build_paper(results, tmp_path / "paper", experiments=EXPERIMENTS, preset="tiny", reference_yaml=None)
+        build_paper(fake_inputs(tmp_path), tmp_path / "paper", **kwargs)
     bad.write_text(json.dumps({"benchmark": "knn", "metrics": {"top1_k20": "high"}}))
     with pytest.raises(PaperInputError, match=re.escape(str(bad)) + ".*metrics.top1_k20"):
-        build_paper(results, tmp_path / "paper", experiments=EXPERIMENTS, preset="tiny", reference_yaml=None)
+        build_paper(fake_inputs(tmp_path), tmp_path / "paper", **kwargs)
 
 
-def test_missing_optional_inputs_give_notes(tmp_path):
+def test_missing_only_for_expected_results(tmp_path):
+    """Listed files that are absent read "missing"; results the rule did not list are left out without a word."""
     results = write_fake_tree(tmp_path)
-    for sub in ("rasa", "features", "highres"):
-        shutil.rmtree(results / sub)
     for exp in ("franca", "dinov2"):
         for seed in (0, 1):
             shutil.rmtree(results / "eval" / exp / f"s{seed}" / "highres")
-    shutil.rmtree(tmp_path / "data")
+    shutil.rmtree(results / "rasa" / "franca")
     stale = tmp_path / "paper" / "figures" / "training_curves_removed_experiment.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
+    inputs = fake_inputs(tmp_path)
+    inputs.pca, inputs.dedup = [], []  # not configured
     summary = build_paper(
-        results, tmp_path / "paper", experiments=EXPERIMENTS, preset="tiny", reference_yaml=None, mask_draws=50
+        inputs,
+        tmp_path / "paper",
+        experiments=EXPERIMENTS,
+        preset="tiny",
+        reference_yaml=None,
+        root=tmp_path,
+        mask_draws=50,
     )
     df = pd.read_csv(tmp_path / "paper" / "main.csv")
     row = _row(df, experiment="franca", checkpoint="highres")
     assert math.isnan(row["knn_top1"]) and "knn missing for seed(s) 0, 1" in row["note"]
-    assert any("features cache" in n for n in summary["notes"])
-    assert any("dedup" in n for n in summary["notes"])
+    assert "missing" not in str(_row(df, experiment="franca", checkpoint="pretrain")["note"])
     rasa = pd.read_csv(tmp_path / "paper" / "rasa.csv")
     assert "RASA report missing" in _row(rasa, experiment="franca", checkpoint="pretrain")["note"]
-    assert (tmp_path / "paper" / "index.html").is_file()
+    assert any("PCA maps: no pca.pt was given" in n for n in summary["notes"])
+    assert any("no dedup report was given" in n for n in summary["notes"])
     assert not stale.exists()  # figures an earlier run made and this one does not are removed
-    assert {Path(p).name for p in summary["figures"]} == {f"training_curves_{e}.png" for e in EXPERIMENTS} | {
-        "masking_frequency.png"
-    }
+    names = {Path(p).name for p in summary["figures"]}
+    assert "pca_maps.png" not in names and "dedup_summary.png" not in names and "rasa_rounds.png" in names
+
+
+def test_columns_not_configured_are_left_out(tmp_path):
+    """A folder dataset with the dense benchmarks switched off: no dense column, no "missing", a footnote."""
+    write_fake_tree(tmp_path)
+    inputs = fake_inputs(tmp_path, benchmarks=("knn", "linear", "logreg"))
+    build_paper(
+        inputs,
+        tmp_path / "paper",
+        experiments=EXPERIMENTS,
+        preset="tiny",
+        reference_yaml=None,
+        root=tmp_path,
+        mask_draws=50,
+    )
+    main = pd.read_csv(tmp_path / "paper" / "main.csv")
+    assert "hummingbird_miou" not in main.columns and "knn_top1" in main.columns
+    assert main["note"].isna().all()  # nothing expected is missing
+    page = (tmp_path / "paper" / "index.html").read_text()
+    assert "missing" not in page.split('<h2 id="provenance">')[0]
+    assert "Not configured in this run, so left out of the main table: hummingbird, linseg, overcluster" in page
+    assert len(pd.read_csv(tmp_path / "paper" / "ablation.csv")) == 0
+
+
+def test_reads_only_the_files_it_is_given(tmp_path):
+    """Issue 11: results that lie in the tree but are not in the rule's inputs are never read."""
+    results = write_fake_tree(tmp_path)
+    experiments = {"franca": EXPERIMENTS["franca"]}
+    bad = results / "eval" / "dinov2" / "s0" / "pretrain" / "knn.json"
+    bad.write_text("not json")  # would raise if read
+    (results / "eval" / "franca" / "s0" / "pretrain" / "extra.json").write_text("not json")
+    summary = build_paper(
+        fake_inputs(tmp_path, experiments),
+        tmp_path / "paper",
+        experiments=experiments,
+        preset="tiny",
+        reference_yaml=None,
+        root=tmp_path,
+        mask_draws=50,
+    )
+    read = set(summary["inputs"])
+    assert read and all("/dinov2/" not in p and not p.endswith("extra.json") for p in read)
+    assert set(pd.read_csv(tmp_path / "paper" / "main.csv")["experiment"]) == {"franca"}
+
+
+def test_pca_maps_come_from_pca_pt(paper):
+    """Issue 13: the features stage writes the PCA images to pca.pt; the page shows them."""
+    out, summary, numbers = paper
+    assert (out / "figures" / "pca_maps.png").is_file()
+    assert all(p.endswith("/pca.pt") for p in numbers["figures"]["figures/pca_maps.png"])
+    assert len(numbers["figures"]["figures/pca_maps.png"]) == 6  # first seed of each experiment x checkpoint
+
+
+def test_rasa_rounds_behind_a_disclosure_under_their_figure(paper):
+    out, _, _ = paper
+    page = (out / "index.html").read_text()
+    fig = page.index('<figure id="fig-rasa_rounds.png">')
+    details = page.index("<details><summary>Per-round RASA numbers</summary>", fig)
+    assert page.index('id="table-rasa"') > details > fig
+    assert page.index('id="table-rasa"') < page.index("</details>", details)
+
+
+def test_header_names_datasets_commit_and_scope(paper):
+    out, _, _ = paper
+    head = (out / "index.html").read_text().split('id="table-main"')[0]
+    for text in (
+        "What this run can show.",
+        "A smoke test",
+        "synth",
+        "synthetic",
+        "CC0-1.0",
+        "train 2,000",
+        "1,920 train",
+        "commit",
+        "built",
+    ):
+        assert text in head, text
+
+
+def test_cli_reads_the_files_on_its_command_line(tmp_path, monkeypatch):
+    """`franca paper --evals ... --pca ...` as the rule runs it, from the project root, with no results walk."""
+    from franca.cli import main
+
+    write_fake_tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRANCA_TRACKING", "off")
+    inputs = fake_inputs(Path("."))
+    argv = ["paper", "--out", "results/paper", "--preset", "tiny", "--experiments", json.dumps(EXPERIMENTS)]
+    for flag in ("evals", "metrics", "rasa", "pca", "manifests"):
+        argv += [f"--{flag}", *map(str, getattr(inputs, flag))]
+    assert main([*argv, "--dedup", *map(str, inputs.dedup)]) == 0
+    prov = json.loads((tmp_path / "results/paper/provenance.json").read_text())
+    listed = {p.as_posix() for p in [*inputs.evals, *inputs.metrics, *inputs.rasa, *inputs.pca]}
+    assert "results/features/franca/s0/pretrain/pca.pt" in prov["inputs"]
+    assert {p for p in prov["inputs"] if p.startswith("results/")} <= listed
+    assert (tmp_path / "results/paper/figures/pca_maps.png").is_file()
+
+
+def test_one_dedup_report_per_training_dataset(tmp_path):
+    """data/dedup/{dataset}/report.json per deduplicated dataset: each gets its kept count and its figure."""
+    write_fake_tree(tmp_path)
+    inputs = fake_inputs(tmp_path, {"franca": EXPERIMENTS["franca"]})
+    second = tmp_path / "data" / "dedup" / "other" / "report.json"
+    second.parent.mkdir(parents=True)
+    second.write_text(json.dumps({"kept": 77, "removed": {"exact_duplicate": 3}}))  # no train_manifest: its folder
+    shutil.copy(tmp_path / "data/synth/manifest.parquet", (tmp_path / "data/other").mkdir() or tmp_path / "data/other")
+    inputs.dedup.append(second)
+    inputs.manifests.append(tmp_path / "data/other/manifest.parquet")
+    summary = build_paper(
+        inputs,
+        tmp_path / "paper",
+        experiments={"franca": EXPERIMENTS["franca"]},
+        preset="tiny",
+        reference_yaml=None,
+        root=tmp_path,
+        mask_draws=50,
+    )
+    names = {Path(p).name for p in summary["figures"]}
+    assert {"dedup_summary_synth.png", "dedup_summary_other.png"} <= names
+    head = (tmp_path / "paper" / "index.html").read_text().split('id="table-main"')[0]
+    assert "1,920 train" in head and "77 train" in head

@@ -64,7 +64,7 @@ def test_source_index_finds_provenance_and_flags_hash_mismatch(tmp_path):
 
 
 def test_training_phases_are_offset_when_the_counter_restarts(tmp_path):
-    base = tmp_path / "results"
+    base, paths = tmp_path / "results", []
     for phase, iters in (
         ("pretrain/e/s0/stage1", [0, 10, 20]),
         ("pretrain/e/s0/stage2", [0, 10]),
@@ -73,14 +73,14 @@ def test_training_phases_are_offset_when_the_counter_restarts(tmp_path):
         (base / phase).mkdir(parents=True)
         lines = [json.dumps({"iteration": i, "total_loss": 1.0, "lr": 0.5}) for i in iters]
         (base / phase / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    specs = parse_experiments({"e": {"seeds": [0], "highres": True}})
-    frame = collect_training(base, specs, SourceIndex(tmp_path))
+        paths.insert(0, base / phase / "metrics.jsonl")  # given out of order: sorted into training order
+    frame = collect_training(paths, SourceIndex(tmp_path))
     assert list(frame["phase"]) == ["stage1"] * 3 + ["stage2"] * 2 + ["highres"] * 2
     assert list(frame["iteration"]) == [0, 10, 20, 20, 30, 30, 35]
     assert set(frame["term"]) == {"total_loss"}  # lr is not a loss term
     (base / "highres/e/s0/metrics.jsonl").write_text('{"iteration": 0, "total_loss": 1.0}\n{"iteration": 1,\n')
     with pytest.raises(PaperInputError, match=r"highres/e/s0/metrics.jsonl:2"):
-        collect_training(base, specs, SourceIndex(tmp_path))
+        collect_training(paths, SourceIndex(tmp_path))
 
 
 def test_dedup_counts_shapes(tmp_path):

@@ -54,6 +54,14 @@ def test_paper_is_built_from_this_run(run):
     assert (repo / "dvc.lock").exists()
 
 
+def test_tiny_page_in_headless_chromium(run, tmp_path):
+    """The real tiny page: no table cut at 1280 px, every figure loaded, numbers reveal their provenance."""
+    from paper.browser import check_page_or_skip
+
+    report = check_page_or_skip(run["repo"] / "results/paper/index.html", tmp_path / "tiny-paper.png")
+    print(f"tiny paper screenshot: {report['screenshot']}")
+
+
 def test_clean_tree_reruns_nothing(run):
     assert dry_run_jobs(run["repo"]) == {}
 

@@ -213,10 +213,13 @@ def eval_outputs(exp, seed, ckpt):
 
 
 def paper_inputs(wildcards):
+    """Every file `franca paper` reads (it reads nothing else): a listed file is an expected result."""
     inputs = {"dedup": [], "metrics": [], "evals": [], "rasa": [], "pca": []}
+    inputs["manifests"] = [f"data/{dataset}/manifest.parquet" for dataset in DATASETS]
     for exp, seed in RUNS:
         inputs["dedup"].append(f"data/dedup/{fc.dedup_dataset(cfg(exp, seed))}/report.json")
-        inputs["metrics"].append(f"results/pretrain/{exp}/s{seed}/stage{n_stages(exp)}/metrics.jsonl")
+        for stage in range(1, n_stages(exp) + 1):
+            inputs["metrics"].append(f"results/pretrain/{exp}/s{seed}/stage{stage}/metrics.jsonl")
         for ckpt in checkpoint_kinds(exp):
             if ckpt == "highres":
                 inputs["metrics"].append(f"results/highres/{exp}/s{seed}/metrics.jsonl")

@@ -1,4 +1,4 @@
-# The paper (franca/paper): tables, figures and index.html from every result of this run.
+# The paper (franca/paper): tables, figures and index.html from exactly the files paper_inputs (common.smk) lists.
 
 
 rule paper:
@@ -16,10 +16,12 @@ rule paper:
         experiments=lambda w: fc.canonical_json(EXPERIMENTS),
         preset=PRESET,
         dense=cfg(*RUNS[0])["data"]["dense"]["dataset"],
+        out=lambda w, output: os.path.dirname(output.html),
     conda:
         "../../envs/franca.yaml"
     log:
         "logs/paper.log",
     shell:
-        "franca paper --results results --out results/paper --preset {params.preset} "
-        "--experiments '{params.experiments}' --dense-dataset {params.dense} 2> {log}"
+        "franca paper --evals {input.evals} --metrics {input.metrics} --rasa {input.rasa} "
+        "--pca {input.pca} --dedup {input.dedup} --manifests {input.manifests} --out {params.out} "
+        "--preset {params.preset} --experiments '{params.experiments}' --dense-dataset {params.dense} 2> {log}"
