@@ -260,3 +260,18 @@ def test_corrupt_gz_member_is_a_failure_row(tmp_path):
     got = ["ok" if s == "success" else r for s, r in zip(status["status"], status["reason"], strict=True)]
     assert got == ["ok", "bad_gzip", "bad_gzip", "ok"]
     assert status["error_message"].iat[1].startswith("SourceItemError: ")
+
+
+def test_every_fetch_key_reaches_the_fetcher_or_is_rejected(hostile_server, tmp_path):
+    from franca.stages.data import _acquire
+
+    table = _table(tmp_path, [hostile_server.url("/img/ok.jpg"), hostile_server.url("/img/cmyk.jpg")])
+    ds = {"source": "urls", "url_list": str(table), "shard_size": 4, "license": "test", **LOOPBACK}
+    ds.update(user_agent="franca-test-agent/9", max_bytes=1500, max_redirects=0, backoff=0.0, retries=0)
+    hostile_server.reset()
+    hostile_server.agents.clear()
+    _acquire(ds, tmp_path / "raw")
+    assert _reasons(tmp_path / "raw" / "train") == ["too_large", "too_large"]  # both bodies are > 1500 bytes
+    assert hostile_server.agents and set(hostile_server.agents) == {"franca-test-agent/9"}
+    with pytest.raises(ValueError, match=r"unknown keys \['max_byte'\]"):
+        _acquire({**ds, "max_byte": 10}, tmp_path / "raw2")
