@@ -133,6 +133,7 @@ def run_shard(args: argparse.Namespace) -> int:
 
 
 _OPTIONAL_DEDUP_KEYS = ("verify_threshold", "eval_verify_threshold", "layout_threshold", "normalized_layout_threshold")
+_OPTIONAL_DEDUP_KEYS += ("pixel_threshold",)
 
 
 def run_dedup(args: argparse.Namespace) -> int:
