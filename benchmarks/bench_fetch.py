@@ -95,7 +95,7 @@ def main() -> None:
         reencode = "if_resized" if args.resize else "never"
         report = fetch_urls(
             table, Path(tmp) / "raw", shard_size=args.shard_size, concurrency=args.concurrency, timeout=30,
-            resize_max_side=args.resize, reencode=reencode,
+            resize_max_side=args.resize, reencode=reencode, allow_private_addresses=True,  # the 127.0.0.1 server
         )  # fmt: skip
         start = time.perf_counter()
         shard = canonicalise([Path(tmp) / "raw"], Path(tmp) / "ds")

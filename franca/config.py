@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -270,8 +271,7 @@ def validate(cfg: Mapping) -> None:
     schema = yaml.safe_load(_schema_path().read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
-        where = ".".join(str(p) for p in errors[0].absolute_path) or "<root>"
-        raise ConfigError(f"config key {where}: {errors[0].message}")
+        raise ConfigError(_schema_error(errors[0], rel_path))
     for stage in ["highres", *[f"pretrain{i}" for i in range(1, n_pretrain_stages(cfg) + 1)]]:
         sc = stage_config(cfg, "highres") if stage == "highres" else stage_config(cfg, "pretrain", int(stage[8:]))
         patch = sc["model"]["patch_size"]
@@ -283,6 +283,26 @@ def validate(cfg: Mapping) -> None:
                 )
         if sc["optim"]["warmup_iters"] > sc["optim"]["iterations"]:
             raise ConfigError(f"config key optim.warmup_iters ({stage}) exceeds optim.iterations")
+
+
+def _schema_error(error, schema_path: Path) -> str:
+    """Message of a schema error: the key path, and for an unknown key the config files that set it."""
+    where = ".".join(str(p) for p in error.absolute_path) or "<root>"
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = set(error.schema.get("properties", {}))
+        unknown = sorted(str(k) for k in error.instance if k not in known)
+        if unknown:
+            key = unknown[0] if where == "<root>" else f"{where}.{unknown[0]}"
+            files = [str(p.relative_to(config_dir().parent)) for p in _files_setting(unknown[0])]
+            found = f"set in {', '.join(files)}" if files else "set by an override"
+            return f"config key {key}: unknown key ({found}; the keys allowed are listed in {schema_path})"
+    return f"config key {where}: {error.message} ({schema_path})"
+
+
+def _files_setting(key: str) -> list[Path]:
+    """Config files with ``key:`` as a YAML key (block or flow style)."""
+    pattern = re.compile(rf"(^\s*(-\s+)?|[{{,]\s*){re.escape(key)}\s*:", re.MULTILINE)
+    return [p for p in sorted(config_dir().rglob("*.yaml")) if pattern.search(p.read_text())]
 
 
 def launch_shape(stage_cfg: Mapping) -> tuple[int, int]:

@@ -44,6 +44,8 @@ from franca.data.phash import (
     near_duplicate_pairs,
     pair_tests,
     phash_to_bits,
+    thumbnail,
+    thumbnail_similarity,
 )
 from franca.data.shards import atomic_write_bytes
 
@@ -51,14 +53,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["choose_bands", "near_duplicate_pairs", "greedy_removal", "deduplicate"]  # the first two: phash.py
 
-# Defaults measured on planted duplicates (tests/data/test_dedup.py, benchmarks/bench_dedup.py).
-HAMMING_THRESHOLD = 10
-EVAL_HAMMING_THRESHOLD = 12
+# Defaults measured on planted duplicates (tests/data/test_dedup.py, benchmarks/bench_dedup.py) and, for precision
+# on real photographs, on franca.data.dedup_benchmark (scikit-image photos). pHash alone never removes an image:
+# the Hamming-only test is off (-1) and every pair the cascade accepts is verified on pixels.
+HAMMING_THRESHOLD = -1
+EVAL_HAMMING_THRESHOLD = -1
 VERIFY_THRESHOLD = 14  # bounded by the cost of multi-index hashing (the Hamming ball grows fast)
 EVAL_VERIFY_THRESHOLD = 16  # faiss brute force: the radius costs nothing, and eval copies must not survive
 LAYOUT_THRESHOLD = 8.0
 NORMALIZED_LAYOUT_THRESHOLD = 0.06  # colour-shifted copies <= 0.032, unrelated pairs >= 0.158 (see config/data)
 EVAL_SIMILARITY_THRESHOLD = 0.75  # SSCD's recommended copy-detection threshold
+PIXEL_THRESHOLD = 0.93  # 16 x 16 thumbnail correlation of an accepted pair (phash.thumbnail_similarity); -1: off
 
 
 def greedy_removal(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +137,32 @@ def _layouts(frame: pd.DataFrame) -> np.ndarray | None:
     return hex_to_layout(frame["layout"])
 
 
+def _thumbnails(frame: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), 3, 16, 16) thumbnail stacks of ``frame``'s rows (index = row number), read from their shards;
+    only those samples are decoded."""
+    from franca.data.shards import iter_samples
+
+    wanted = frame.iloc[np.unique(rows)]
+    found: dict[int, np.ndarray] = {}
+    for shard, group in wanted.groupby("shard_path", sort=False):
+        row_of = dict(zip(group["key"], group.index, strict=True))
+        for sample in iter_samples([shard], kept_keys=set(group["key"])):
+            found[row_of[sample["key"]]] = thumbnail(sample["image"])
+    missing = [frame["key"].iat[r] for r in np.unique(rows) if r not in found]
+    if missing:
+        raise ValueError(f"could not read images of keys {missing[:5]} for the pixel verification of dedup pairs")
+    return np.stack([found[r] for r in rows.tolist()]) if len(rows) else np.zeros((0, 3, 16, 16), np.float32)
+
+
+def _verify(frame_a, rows_a, frame_b, rows_b, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel verification of pairs (``frame_a`` row, ``frame_b`` row): (accepted (P,) bool, correlation (P,))."""
+    rows_a, rows_b = np.asarray(rows_a, np.int64), np.asarray(rows_b, np.int64)
+    if threshold < 0 or not len(rows_a):
+        return np.ones(len(rows_a), bool), np.full(len(rows_a), np.nan, np.float32)
+    corr = thumbnail_similarity(_thumbnails(frame_a, rows_a), _thumbnails(frame_b, rows_b))
+    return corr >= threshold, corr
+
+
 def _tests(d, strict, loose, layout_a, layout_b, ia, ib, opts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``phash.pair_tests`` on pairs (``layout_a[ia]``, ``layout_b[ib]``): (test index or -1, raw, normalised)."""
     pairs = None if layout_a is None or layout_b is None else (layout_a[ia], layout_b[ib])
@@ -151,24 +182,27 @@ def _phash_eval_hits(train: pd.DataFrame, evals: pd.DataFrame, opts: dict) -> tu
     accept = test >= 0
     query, dist, nearest, test = query[accept], dist[accept], nearest[accept], test[accept]
     value = np.where(test == 2, norm[accept], raw[accept])  # the difference the accepting test compared
+    ok, corr = _verify(train, query, evals, nearest, opts["pixel_threshold"])  # pHash + layout must match pixels
+    opts["eval_rejected_by_pixels"] = int((~ok).sum())
+    query, dist, nearest, test, value, corr = query[ok], dist[ok], nearest[ok], test[ok], value[ok], corr[ok]
     order = np.lexsort((nearest, test, dist, query))  # per train row: the closest accepted eval image first
     first = order[np.r_[True, query[order][1:] != query[order][:-1]]] if len(order) else order
-    return query[first], nearest[first], dist[first], test[first], value[first]
+    return query[first], nearest[first], dist[first], test[first], value[first], corr[first]
 
 
 def _eval_matches(train: pd.DataFrame, evals: pd.DataFrame, descriptor: str, opts: dict) -> pd.DataFrame:
     """One row per train index matched to an eval image: (index, reason, matched, distance, test, layout)."""
-    rows, columns = [], ["index", "reason", "matched", "distance", "test", "layout"]
+    rows, columns = [], ["index", "reason", "matched", "distance", "test", "layout", "pixel"]
     if evals.empty:
         return pd.DataFrame(rows, columns=columns)
     first_ref = evals.drop_duplicates("sha256").set_index("sha256")["ref"]
     exact = train["sha256"].map(first_ref)
-    rows += [(i, "eval_exact", ref, 0.0, "sha256", np.nan) for i, ref in exact.dropna().items()]
+    rows += [(i, "eval_exact", ref, 0.0, "sha256", np.nan, np.nan) for i, ref in exact.dropna().items()]
     if descriptor == "phash":
         hits = zip(*(a.tolist() for a in _phash_eval_hits(train, evals, opts)), strict=True)
         rows += [
-            (q, "eval_near_copy", evals["ref"].iat[e], float(d), PAIR_TESTS[t], v)
-            for q, e, d, t, v in hits
+            (q, "eval_near_copy", evals["ref"].iat[e], float(d), PAIR_TESTS[t], v, c)
+            for q, e, d, t, v, c in hits
             if pd.isna(exact.iat[q])
         ]
     else:
@@ -179,7 +213,9 @@ def _eval_matches(train: pd.DataFrame, evals: pd.DataFrame, descriptor: str, opt
         sim, nearest = index.search(_embed(train, descriptor, size, batch), 1)
         hit = (sim[:, 0] >= opts["eval_similarity_threshold"]) & exact.isna().to_numpy()
         ref = evals["ref"].to_numpy()[nearest[:, 0]]
-        rows += [(i, "eval_near_copy", ref[i], float(sim[i, 0]), "embedding", np.nan) for i in np.flatnonzero(hit)]
+        rows += [
+            (i, "eval_near_copy", ref[i], float(sim[i, 0]), "embedding", np.nan, np.nan) for i in np.flatnonzero(hit)
+        ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -227,7 +263,9 @@ def _caption(rec) -> str:
     if rec.test in ("sha256", "embedding"):
         return f"{rec.reason}\n{rec.test}" + (f" {rec.distance:.3f}" if rec.test == "embedding" else "")
     value = "" if pd.isna(rec.layout) else f" {rec.layout:.3g}"
-    return f"{rec.reason}\nd={rec.distance:g} {rec.test}{value}"
+    pixel = "" if pd.isna(rec.pixel) else f" px {rec.pixel:.2f}"
+    classes = "" if pd.isna(rec.class_name) else f"\n{rec.class_name} / {rec.matched_class_name}"
+    return f"{rec.reason}\nd={rec.distance:g} {rec.test}{value}{pixel}{classes}"
 
 
 def _near_stage(train: pd.DataFrame, alive: np.ndarray, threshold: int, opts: dict, n_bands: int | None):
@@ -235,31 +273,72 @@ def _near_stage(train: pd.DataFrame, alive: np.ndarray, threshold: int, opts: di
     differences, MIH stats)."""
     loose = max(threshold, opts["verify"])
     if loose < 0:  # near-duplicate removal disabled
-        return alive[:0], alive[:0], alive[:0], alive[:0], np.zeros(0), {"disabled": True}
+        return alive[:0], alive[:0], alive[:0], alive[:0], np.zeros(0), np.zeros(0), {"disabled": True}
     i, j, d, mih = near_duplicate_pairs(hex_to_phash(train["phash"].iloc[alive]), loose, n_bands)
     layouts = _layouts(train.iloc[alive])
     test, _, _ = _tests(d, threshold, loose, layouts, layouts, i, j, opts)
-    accept = test >= 0
-    mih["accepted"] = int(accept.sum())
+    accept = np.flatnonzero(test >= 0)
+    ok, corr = _verify(train, alive[i[accept]], train, alive[j[accept]], opts["pixel_threshold"])
+    mih.update(accepted=int(ok.sum()), rejected_by_pixels=int((~ok).sum()))
+    accept = accept[ok]
+    pixel = {(a, b): c for a, b, c in zip(i[accept].tolist(), j[accept].tolist(), corr[ok].tolist(), strict=True)}
     match, dist = greedy_removal(len(alive), i[accept], j[accept], d[accept])  # order (j, d, i) is kept
     near = np.flatnonzero(match >= 0)
     # the test of each kept pair, re-derived (pair_tests is deterministic; the first test that accepts wins)
     test, raw, norm = _tests(dist[near], threshold, loose, layouts, layouts, match[near], near, opts)
-    return alive[near], alive[match[near]], dist[near], test, np.where(test == 2, norm, raw), mih
+    corr = np.array([pixel[(a, b)] for a, b in zip(match[near].tolist(), near.tolist(), strict=True)], np.float64)
+    return alive[near], alive[match[near]], dist[near], test, np.where(test == 2, norm, raw), corr, mih
 
 
-def _write_outputs(out_dir: Path, train: pd.DataFrame, reason, matched, distance, test, layout) -> pd.DataFrame:
+def _class_of(frame: pd.DataFrame, refs) -> dict[str, Any]:
+    """key / ref -> class name (or label), where the manifest has one."""
+    if "class_name" not in frame.columns and "label" not in frame.columns:
+        return {}
+    names = frame["class_name"] if "class_name" in frame.columns else frame["label"]
+    if "label" in frame.columns and "class_name" in frame.columns:
+        names = names.where(names.notna(), frame["label"].astype("string"))
+    return {r: (None if pd.isna(n) else str(n)) for r, n in zip(refs, names, strict=True)}
+
+
+def _write_outputs(
+    out_dir: Path, train: pd.DataFrame, evals: pd.DataFrame, cols: dict[str, np.ndarray]
+) -> pd.DataFrame:
     """kept.txt and removed.parquet: key, reason, matched_key, distance (Hamming, or cosine similarity for an
-    embedding descriptor; 0 for sha256), shard, test (``sha256``, ``embedding`` or a ``PAIR_TESTS`` name) and
-    layout (the raw or normalised layout difference the test compared; NaN for the others)."""
-    gone = reason != None  # noqa: E711 (element-wise)
-    removed = pd.DataFrame({"key": train["key"][gone], "reason": reason[gone], "matched_key": matched[gone]})
-    removed = removed.assign(distance=distance[gone], shard=train["shard"][gone], test=test[gone])
-    removed = removed.assign(layout=layout[gone].astype(np.float64)).reset_index(drop=True)
-    removed = removed.astype({"key": "string", "reason": "string", "matched_key": "string", "test": "string"})
+    embedding descriptor; 0 for sha256), shard, test (``sha256``, ``embedding`` or a ``PAIR_TESTS`` name), layout
+    (the raw or normalised layout difference the test compared; NaN for the others), pixel (the thumbnail
+    correlation that verified the pair; NaN when not verified) and the classes of both images (``class_name``,
+    ``matched_class_name``; null without labels)."""
+    gone = cols["reason"] != None  # noqa: E711 (element-wise)
+    classes = _class_of(train, train["key"])
+    if len(evals):
+        classes.update(_class_of(evals, evals["ref"]))
+    removed = pd.DataFrame({"key": train["key"][gone], "reason": cols["reason"][gone]})
+    removed = removed.assign(matched_key=cols["matched"][gone], distance=cols["distance"][gone])
+    removed = removed.assign(shard=train["shard"][gone], test=cols["test"][gone])
+    removed = removed.assign(
+        layout=cols["layout"][gone].astype(np.float64), pixel=cols["pixel"][gone].astype(np.float64)
+    )
+    removed = removed.assign(
+        class_name=removed["key"].map(classes), matched_class_name=removed["matched_key"].map(classes)
+    )
+    removed = removed.reset_index(drop=True)
+    strings = ["key", "reason", "matched_key", "test", "class_name", "matched_class_name"]
+    removed = removed.astype({c: "string" for c in strings})
     atomic_write_bytes(out_dir / "kept.txt", "".join(f"{k}\n" for k in train["key"][~gone]).encode())
     write_parquet_atomic(removed, out_dir / "removed.parquet")
     return removed
+
+
+def _class_summary(removed: pd.DataFrame) -> dict[str, Any]:
+    """Removed pairs by class: same-class / cross-class / unlabelled counts and removals per class."""
+    labelled = removed["class_name"].notna() & removed["matched_class_name"].notna()
+    same = labelled & (removed["class_name"] == removed["matched_class_name"])
+    return {
+        "same_class": int(same.sum()),
+        "cross_class": int((labelled & ~same).sum()),
+        "unlabelled": int((~labelled).sum()),
+        "removed_per_class": {str(k): int(v) for k, v in removed["class_name"].value_counts().sort_index().items()},
+    }
 
 
 def deduplicate(
@@ -274,6 +353,7 @@ def deduplicate(
     eval_verify_threshold: int | None = EVAL_VERIFY_THRESHOLD,
     layout_threshold: float = LAYOUT_THRESHOLD,
     normalized_layout_threshold: float = NORMALIZED_LAYOUT_THRESHOLD,
+    pixel_threshold: float = PIXEL_THRESHOLD,
     descriptor: str = "phash",
     train_split: str = "train",
     eval_splits: list[str] | None = None,
@@ -287,7 +367,9 @@ def deduplicate(
     ``eval_manifests`` may include the training manifest itself, whose non-``train_split`` splits then count as
     evaluation sets. ``descriptor`` is ``"phash"`` or the path of a TorchScript model (images -> embeddings).
     A negative Hamming threshold with ``None`` verify threshold disables that near-copy test (exact copies by
-    sha256 are always removed); a negative ``normalized_layout_threshold`` disables the colour-shift test.
+    sha256 are always removed); a negative ``normalized_layout_threshold`` disables the colour-shift test. Every
+    pair the pHash cascade accepts must also have a thumbnail correlation ``>= pixel_threshold`` (-1: no pixel
+    verification; the images of candidate pairs are read from their shards).
     """
     start, out_dir, train_manifest = time.perf_counter(), Path(out_dir), Path(train_manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,28 +381,31 @@ def deduplicate(
     thresholds = {"hamming": hamming_threshold, "verify_hamming": verify_threshold}
     thresholds.update(eval_hamming=eval_hamming_threshold, eval_verify_hamming=eval_verify_threshold)
     thresholds.update(layout_rms=layout_threshold, normalized_layout_rms=normalized_layout_threshold)
-    thresholds["eval_similarity"] = eval_similarity_threshold
+    thresholds.update(eval_similarity=eval_similarity_threshold, pixel_correlation=pixel_threshold)
     opts = {"eval_hamming_threshold": eval_hamming_threshold, "eval_similarity_threshold": eval_similarity_threshold}
     opts.update(image_size=image_size, batch_size=batch_size, layout_threshold=layout_threshold)
-    opts["normalized_layout_threshold"] = normalized_layout_threshold
+    opts.update(normalized_layout_threshold=normalized_layout_threshold, pixel_threshold=pixel_threshold)
     opts["verify"] = -1 if verify_threshold is None else verify_threshold
     opts["eval_verify"] = -1 if eval_verify_threshold is None else eval_verify_threshold
     reason, matched, distance = np.full(n, None, dtype=object), np.full(n, None, dtype=object), np.zeros(n)
-    test, layout = np.full(n, None, dtype=object), np.full(n, np.nan)
+    test, layout, pixel = np.full(n, None, dtype=object), np.full(n, np.nan), np.full(n, np.nan)
     for rec in _eval_matches(train, evals, descriptor, opts).itertuples():  # (1) eval copies
         reason[rec.index], matched[rec.index], distance[rec.index] = rec.reason, rec.matched, rec.distance
-        test[rec.index], layout[rec.index] = rec.test, rec.layout
+        test[rec.index], layout[rec.index], pixel[rec.index] = rec.test, rec.layout, rec.pixel
     timings = {"eval_s": time.perf_counter() - start}
     alive = np.flatnonzero(reason == None)  # noqa: E711 (element-wise)
     first = train.iloc[alive].groupby("sha256", sort=False)["key"].transform("first").to_numpy()
     dup = first != train["key"].to_numpy()[alive]  # (2) exact duplicates inside train
     reason[alive[dup]], matched[alive[dup]], test[alive[dup]] = "exact_duplicate", first[dup], "sha256"
     t0 = time.perf_counter()
-    rows, kept_rows, dist, tests, values, mih = _near_stage(train, alive[~dup], hamming_threshold, opts, n_bands)
+    near = _near_stage(train, alive[~dup], hamming_threshold, opts, n_bands)
+    rows, kept_rows, dist, tests, values, corr, mih = near
     reason[rows], matched[rows], distance[rows] = "near_duplicate", train["key"].to_numpy()[kept_rows], dist  # (3)
-    test[rows], layout[rows] = [PAIR_TESTS[t] for t in tests.tolist()], values
+    test[rows], layout[rows], pixel[rows] = [PAIR_TESTS[t] for t in tests.tolist()], values, corr
+    mih["eval_rejected_by_pixels"] = opts.get("eval_rejected_by_pixels", 0)
     timings["near_s"] = time.perf_counter() - t0
-    removed = _write_outputs(out_dir, train, reason, matched, distance, test, layout)
+    cols = {"reason": reason, "matched": matched, "distance": distance, "test": test, "layout": layout}
+    removed = _write_outputs(out_dir, train, evals, {**cols, "pixel": pixel})
     shown = _pairs_figure(removed, train, evals, out_dir / "pairs.png", max_pairs) if len(removed) else 0
     elapsed = time.perf_counter() - start
     report = {
@@ -333,6 +418,7 @@ def deduplicate(
         "kept": n - len(removed),
         "removed": {r: int((removed["reason"] == r).sum()) for r in sorted(removed["reason"].unique())},
         "removed_by_test": {t: int((removed["test"] == t).sum()) for t in sorted(removed["test"].unique())},
+        "removed_pairs_by_class": _class_summary(removed),
         "multi_index_hashing": mih,
         "pairs_shown": shown,
         "timings_s": {**timings, "total_s": elapsed},

@@ -14,6 +14,13 @@ Robustness: only http/https (``bad_scheme``), a redirect limit (``redirect_loop`
 (``timeout``), retries with exponential backoff on transient errors (timeouts, 5xx, 408/429, connection errors),
 a byte limit on the decompressed body (``too_large``), a pixel limit read from the header before decoding
 (``too_many_pixels``, the decompression-bomb guard) and a full decode check (``not_an_image``, ``truncated``).
+
+Hostile input (issue 12): decoding runs under a format allow-list (``franca.data.images``: an EPS body never
+reaches Ghostscript); gzip/deflate bodies are inflated with a bound on the bytes produced (``too_large``); a body
+shorter than its Content-Length is ``truncated`` (not retried); URLs and redirects whose DNS answers include a
+loopback, private, link-local (169.254.169.254) or reserved address fail as ``blocked_address`` unless
+``allow_private_addresses`` allows them; any other per-row error is a failure row (``process_error``...), never
+an abort. Error messages hold no object addresses, so a rerun writes byte-identical status tables.
 """
 
 from __future__ import annotations
@@ -24,25 +31,35 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import itertools
+import ipaddress
 import json
 import logging
+import socket
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from franca.data.manifest import (
+from franca.data.images import (
     FORMAT_EXT,
+    BoundedInflater,
     ImageCheckError,
+    canonical_image,
     check_image,
+    clean_message,
+    encode_png,
+    is_canonical,
+)
+from franca.data.manifest import (
     raw_shard_complete,
     raw_status_path,
     raw_tar_path,
@@ -100,27 +117,38 @@ def read_url_table(path: str | Path, url_col: str = "url") -> pd.DataFrame:
 def process_image(
     data: bytes, *, max_pixels: int | None, resize_max_side: int | None, reencode: str, encode_format: str = "jpg"
 ) -> tuple[bytes, str, dict[str, int]]:
-    """Decode check, optional keep-ratio downscale (only if bigger) and the re-encoding policy.
+    """Decode check (format allow-list), optional keep-ratio downscale (only if bigger) and re-encoding.
 
-    Returns (bytes to store, extension, sizes). Raises ImageCheckError.
+    ``reencode="never"`` stores the served bytes (the shard stage makes them canonical later). Otherwise the
+    stored image is canonical (``franca.data.images``: upright, 8-bit RGB/RGBA): with ``if_resized``, an image
+    that is not resized is stored as ``canonical_encode`` stores it (served bytes if canonical, else PNG); resized
+    images and every image under ``always`` are encoded in ``encode_format``.
+    Sizes are those of the upright image. Returns (bytes to store, extension, sizes). Raises ImageCheckError.
     """
     image = check_image(data, max_pixels=max_pixels)
-    width, height = image.size
+    if reencode == "never":
+        ext = FORMAT_EXT.get(image.format or "", "img")
+        width, height = image.size
+        return data, ext, {"original_width": width, "original_height": height, "width": width, "height": height}
+    upright = canonical_image(image)
+    width, height = upright.size
     sizes = {"original_width": width, "original_height": height, "width": width, "height": height}
     resized = resize_max_side is not None and max(width, height) > resize_max_side
     if resized:
         scale = resize_max_side / max(width, height)
         new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(new_size, Image.Resampling.LANCZOS)
+        upright = upright.resize(new_size, Image.Resampling.LANCZOS)
         sizes["width"], sizes["height"] = new_size
-    if reencode == "always" or resized:
-        buf = io.BytesIO()
-        if encode_format == "jpg":
-            image.convert("RGB").save(buf, format="JPEG", quality=95)
-        else:
-            image.save(buf, format="PNG", compress_level=6)
-        return buf.getvalue(), encode_format, sizes
-    return data, FORMAT_EXT.get(image.format or "", "img"), sizes
+    if reencode == "if_resized" and not resized:  # as the shard stage stores it (images.canonical_encode)
+        if is_canonical(image, data):
+            return data, FORMAT_EXT[image.format], sizes
+        return encode_png(upright), "png", sizes
+    buf = io.BytesIO()
+    if encode_format == "jpg":
+        upright.convert("RGB").save(buf, format="JPEG", quality=95)
+    else:
+        upright.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue(), encode_format, sizes
 
 
 def _json_value(value: Any) -> Any:
@@ -133,19 +161,106 @@ def _json_value(value: Any) -> Any:
 
 
 async def _download(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
-    """Body of a GET (content-encoding decoded), failing fast on a non-200 status or past ``max_bytes``."""
+    """Body of a GET, failing fast on a non-200 status or past ``max_bytes``.
+
+    The body is read raw and decoded here (gzip / deflate, ``BoundedInflater``), so the decoded bytes are bounded
+    as they are produced. A body that ends before its Content-Length is ``truncated``.
+    """
     async with client.stream("GET", url) as response:
         if response.status_code != 200:
             raise _Failure(f"http_{response.status_code}", http_status=response.status_code)
         length = response.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise _Failure("too_large", f"content-length {length} > {max_bytes}")
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > max_bytes:
-                raise _Failure("too_large", f"body > {max_bytes} bytes")
-        return bytes(body)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower() or "identity"
+        encoding = "gzip" if encoding == "x-gzip" else encoding
+        if encoding not in ("identity", "gzip", "deflate"):
+            raise _Failure("bad_encoding", f"content-encoding {encoding!r} (only gzip and deflate are accepted)")
+        inflater, received = BoundedInflater(encoding, max_bytes), 0
+        try:
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                inflater.feed(chunk)
+            return inflater.finish()
+        except httpx.RemoteProtocolError as exc:
+            if length is not None and length.isdigit() and received < int(length):
+                raise _Failure("truncated", f"body ended after {received} of {length} bytes") from exc
+            raise
+        except ValueError as exc:
+            raise _Failure("too_large", f"decoded body > {max_bytes} bytes") from exc
+        except (zlib.error, EOFError) as exc:
+            raise _Failure("bad_encoding", f"{encoding} body: {type(exc).__name__}: {exc}") from exc
+
+
+def _is_public(address: str, allowed: tuple) -> bool:
+    """True for a global unicast address, or one inside an allowed network (``allow_private_addresses``)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in allowed):
+        return True
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore network backend that resolves the host itself and connects only when EVERY DNS answer is a public
+    address (or in ``allowed``), to the checked address: loopback, private, link-local (the cloud metadata
+    service 169.254.169.254 included), reserved and multicast targets are refused as ``blocked_address``. Every
+    connection goes through here, so the check also holds after each redirect."""
+
+    def __init__(self, allowed: tuple):
+        self.allowed, self.inner = allowed, httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        blocked = [a for a in addresses if not _is_public(a, self.allowed)]
+        if blocked:
+            message = f"{host} resolves to non-public address {blocked[0]} (set allow_private_addresses to fetch it)"
+            raise _Failure("blocked_address", message)
+        error: Exception = httpcore.ConnectError(f"no address for {host}")
+        for address in addresses:
+            try:
+                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                error = exc
+        raise error
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise _Failure("blocked_address", "unix sockets are not fetched")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def _allowed_networks(allow_private_addresses: bool | list[str]) -> tuple:
+    if allow_private_addresses is True:
+        return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+    if allow_private_addresses is False or allow_private_addresses is None:
+        return ()
+    try:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in allow_private_addresses)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"allow_private_addresses: expected true/false or a list of networks ({exc})") from exc
+
+
+def _client(limits: httpx.Limits, allowed: tuple, opts: dict[str, Any]) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    transport._pool = httpcore.AsyncConnectionPool(  # httpx has no network_backend argument: same pool, guarded
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        network_backend=_GuardedBackend(allowed),
+    )
+    headers = {"User-Agent": opts["user_agent"], "Accept-Encoding": "gzip, deflate"}
+    return httpx.AsyncClient(
+        transport=transport, follow_redirects=True, max_redirects=opts["max_redirects"], timeout=opts["timeout"],
+        headers=headers, trust_env=False,
+    )  # fmt: skip
 
 
 def _classify(exc: Exception) -> _Failure:
@@ -160,35 +275,43 @@ def _classify(exc: Exception) -> _Failure:
         (httpx.DecodingError, "bad_encoding"),
     ]
     reason = next((r for types, r in table if isinstance(exc, types)), "error")
-    return _Failure(reason, f"{type(exc).__name__}: {exc}")
+    return _Failure(reason, clean_message(f"{type(exc).__name__}: {exc}"))
 
 
 class _Fetcher:
-    """One fetch run: per-row download with retries, then decoding in a worker thread."""
+    """One fetch run: per-row download with retries, then decoding in a worker thread.
 
-    def __init__(self, clients: list[httpx.AsyncClient], opts: dict[str, Any]):
-        self.clients, self.opts = clients, opts
-        self.semaphore = asyncio.Semaphore(opts["concurrency"])
-        self._turn = itertools.count()
+    Each attempt first takes a free connection slot of one client (``slots``: every client appears once per
+    connection it may open), then starts its deadline: a request never waits on a pool inside its ``timeout``, so
+    fast URLs do not time out behind slow ones.
+    """
+
+    def __init__(self, clients: list[httpx.AsyncClient], per_client: list[int], opts: dict[str, Any]):
+        self.opts = opts
+        self.slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        for client, n in zip(clients, per_client, strict=True):
+            for _ in range(n):
+                self.slots.put_nowait(client)
 
     async def _attempts(self, url: str) -> tuple[bytes, int]:
-        client = self.clients[next(self._turn) % len(self.clients)]  # round robin over the small pools
         retries, backoff, timeout = self.opts["retries"], self.opts["backoff"], self.opts["timeout"]
         for attempt in range(retries + 1):
+            client = await self.slots.get()  # outside the deadline
             try:
-                async with self.semaphore:
-                    return await asyncio.wait_for(_download(client, url, self.opts["max_bytes"]), timeout), attempt
+                return await asyncio.wait_for(_download(client, url, self.opts["max_bytes"]), timeout), attempt
             except Exception as exc:  # every failure is classified into a manifest reason
                 failure = _classify(exc)
                 failure.attempts = attempt + 1
                 retry = failure.reason in RETRYABLE or failure.reason.startswith("http_5")
                 if not retry or attempt == retries:
                     raise failure from exc
-                await asyncio.sleep(backoff * 2**attempt)
+            finally:
+                self.slots.put_nowait(client)
+            await asyncio.sleep(backoff * 2**attempt)
         raise AssertionError("unreachable")
 
     async def fetch_row(self, key: str, url: str) -> dict[str, Any]:
-        """Status record of one row; a success also carries ``data`` and ``ext``."""
+        """Status record of one row; a success also carries ``data`` and ``ext``. Never raises (but cancels)."""
         record: dict[str, Any] = {"key": key, "url": url, "status": "failed", "attempts": 0}
         try:
             if urlsplit(url).scheme.lower() not in ("http", "https"):
@@ -199,8 +322,11 @@ class _Fetcher:
                 process_image, data, max_pixels=self.opts["max_pixels"], resize_max_side=self.opts["resize_max_side"],
                 reencode=self.opts["reencode"], encode_format=self.opts["encode_format"],
             )  # fmt: skip
-        except (_Failure, ImageCheckError) as exc:
-            record.update(reason=exc.reason, error_message=str(exc), http_status=getattr(exc, "http_status", None))
+        except Exception as exc:  # per-row errors never stop the fetch: a failure row with its reason
+            reason = getattr(exc, "reason", "process_error")
+            message = str(exc) if isinstance(exc, (_Failure, ImageCheckError)) else f"{type(exc).__name__}: {exc}"
+            record.update(reason=reason, error_message=clean_message(message))
+            record.update(http_status=getattr(exc, "http_status", None))
             record["attempts"] = getattr(exc, "attempts", record["attempts"])
             return record
         sha = hashlib.sha256(stored).hexdigest()
@@ -227,13 +353,14 @@ async def _run(table, shards, out_dir, opts, on_shard_done) -> None:
     # httpcore's pool scans every connection for every queued request, so its cost grows with the square of the
     # pool size: several small clients (<= 8 connections each) keep that overhead flat at high concurrency.
     n_clients = -(-opts["concurrency"] // _CONNECTIONS_PER_CLIENT)
-    per_client = -(-opts["concurrency"] // n_clients)
-    limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
-    kwargs = {"follow_redirects": True, "max_redirects": opts["max_redirects"], "timeout": opts["timeout"]}
-    kwargs.update(headers={"User-Agent": opts["user_agent"]}, limits=limits, trust_env=False)
+    per_client = [len(range(c, opts["concurrency"], n_clients)) for c in range(n_clients)]  # sums to concurrency
+    allowed = _allowed_networks(opts["allow_private_addresses"])
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(httpx.AsyncClient(**kwargs)) for _ in range(n_clients)]
-        fetcher, window, pending = _Fetcher(clients, opts), collections.deque(), iter(rows)
+        clients = []
+        for k in per_client:
+            limits = httpx.Limits(max_connections=k, max_keepalive_connections=k)
+            clients.append(await stack.enter_async_context(_client(limits, allowed, opts)))
+        fetcher, window, pending = _Fetcher(clients, per_client, opts), collections.deque(), iter(rows)
         writer, status = None, []
         try:
             while True:
@@ -318,6 +445,7 @@ def fetch_urls(
     encode_format: str = "jpg",
     concurrency: int = 64,
     user_agent: str = "franca-repro-fetch/1.0 (+research; img2dataset-compatible)",
+    allow_private_addresses: bool | list[str] = False,
     key_digits: int = 9,
     on_shard_done: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -325,8 +453,12 @@ def fetch_urls(
 
     Every row ends as a sample or as a failure row with its reason. ``reencode``: ``never`` (store the served
     bytes; incompatible with ``resize_max_side``), ``if_resized`` (img2dataset's ``--skip_reencode``) or ``always``.
-    ``timeout`` is the deadline of one attempt; ``on_shard_done(shard_index)`` runs after each published shard.
+    ``timeout`` is the deadline of one attempt (the wait for a free connection is not part of it);
+    ``on_shard_done(shard_index)`` runs after each published shard. ``allow_private_addresses``: False (default:
+    URLs and redirects to loopback, private, link-local or reserved addresses fail as ``blocked_address``), True
+    (allow all) or a list of networks (CIDR strings) to allow, e.g. an internal mirror.
     """
+    _allowed_networks(allow_private_addresses)  # a bad value fails before any work
     if reencode not in ("never", "if_resized", "always"):
         raise ValueError(f"reencode must be never, if_resized or always, got {reencode!r}")
     if reencode == "never" and resize_max_side is not None:
@@ -350,7 +482,7 @@ def fetch_urls(
     opts.update({"retries": retries, "backoff": backoff, "max_bytes": max_bytes, "max_pixels": max_pixels})
     opts.update({"max_redirects": max_redirects, "resize_max_side": resize_max_side, "reencode": reencode})
     opts.update({"encode_format": encode_format, "concurrency": concurrency, "user_agent": user_agent})
-    opts["key_digits"] = key_digits
+    opts.update(key_digits=key_digits, allow_private_addresses=allow_private_addresses)
     start = time.perf_counter()
     processed: list[int] = []
 

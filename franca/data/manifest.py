@@ -22,8 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from franca.data.images import (
+    FORMAT_EXT,
+    ImageCheckError,
+    canonical_encode,
+    check_image,
+    clean_message,
+    orientation,
+    transpose_upright,
+)
 from franca.data.phash import colour_layout, phash_image, phash_to_hex
 from franca.data.shards import (
     IMAGE_EXTS,
@@ -75,42 +84,14 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "caption": "string",
     "raw_shard": "string",
 }
-FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
-class ImageCheckError(ValueError):
-    """An image that fails the decode check; ``reason`` is the manifest failure reason."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-
-
-def check_image(data: bytes, max_pixels: int | None = None, where: str = "") -> Image.Image:
-    """Open and fully decode ``data``; the pixel limit is checked on the header, before any decoding.
-
-    Raises ImageCheckError with reason ``not_an_image``, ``too_many_pixels``, ``truncated`` or ``decode_error``.
-    """
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageCheckError("too_many_pixels", f"{where} {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageCheckError("not_an_image", f"{where} {exc}") from exc
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageCheckError("too_many_pixels", f"{where} {width}x{height} > {max_pixels} pixels")
-    try:
-        image.load()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, zlib.error, struct.error... on damaged data
-        reason = "truncated" if "truncat" in str(exc).lower() else "decode_error"
-        raise ImageCheckError(reason, f"{where} {type(exc).__name__}: {exc}") from exc
-    return image
-
-
-def image_record(data: bytes, max_pixels: int | None = None, where: str = "") -> tuple[dict[str, Any], Image.Image]:
-    """Manifest columns of one encoded image (bytes, sha256, phash, layout, width, height, format) and the image."""
-    image = check_image(data, max_pixels=max_pixels, where=where)
+def image_record(
+    data: bytes, max_pixels: int | None = None, where: str = "", image: Image.Image | None = None
+) -> tuple[dict[str, Any], Image.Image]:
+    """Manifest columns of one encoded image (bytes, sha256, phash, layout, width, height, format) and the image
+    (``image``: ``data`` already decoded, as ``canonical_encode`` returns it)."""
+    image = image if image is not None else check_image(data, max_pixels=max_pixels, where=where)
     record = {
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -118,7 +99,7 @@ def image_record(data: bytes, max_pixels: int | None = None, where: str = "") ->
         "layout": colour_layout(image),
         "width": image.size[0],
         "height": image.size[1],
-        "format": FORMAT_EXT.get(image.format or "", (image.format or "unknown").lower()),
+        "format": FORMAT_EXT.get(image.format or "", (image.format or "png").lower()),
     }
     return record, image
 
@@ -207,10 +188,21 @@ def _sample_row(fields: dict[str, bytes], record: dict[str, Any], meta: dict[str
     }
 
 
-def _encode_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGBA" if "A" in image.getbands() else "RGB").save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+def _canonical_fields(fields: dict[str, bytes], ext: str, where: str) -> tuple[dict[str, Any], bytes, bytes | None]:
+    """(manifest columns, stored image bytes, stored mask) of a raw sample: the image in its canonical form
+    (``franca.data.images.canonical_encode``) and the mask turned upright with it (same EXIF transpose)."""
+    data, fmt, image = canonical_encode(fields[ext], where=where)
+    record, _ = image_record(data, where=where, image=image)
+    record["format"] = fmt
+    mask = fields.get("seg.png")
+    if mask is not None and data is not fields[ext]:
+        turn = orientation(check_image(fields[ext], where=where))
+        if turn != 1:
+            with Image.open(io.BytesIO(mask), formats=["PNG"]) as seg:
+                buf = io.BytesIO()
+                transpose_upright(seg, turn).save(buf, format="PNG", compress_level=6)
+                mask = buf.getvalue()
+    return record, data, mask
 
 
 def _prefixed(prefix: str, raw_key: str) -> str:
@@ -229,7 +221,9 @@ def canonicalise_shard(
 ) -> list[dict[str, Any]]:
     """One raw shard -> ``shards/<split>-%06d.tar`` + ``manifest_parts/<split>-%06d.parquet``; returns its rows.
 
-    Images are stored byte-identical when JPEG or PNG; other formats are re-encoded to lossless PNG. Samples that
+    Images are stored in their canonical form (``franca.data.images``): byte-identical when already canonical (JPEG
+    or 8-bit PNG, RGB/RGBA, upright), else a lossless PNG of the upright 8-bit RGB/RGBA image (a mask is turned
+    with its image). Samples that
     fail the decode check, the raw status table's failures and a damaged raw tar become failure rows.
     """
     raw_tar, out_dir = Path(raw_tar), Path(out_dir)
@@ -241,16 +235,14 @@ def canonicalise_shard(
             key, where = _prefixed(key_prefix, raw_key), f"{raw_tar}:{raw_key}"
             try:
                 meta = json.loads(fields["json"]) if "json" in fields else {}
-                ext = next((e for e in (*IMAGE_EXTS, "gif", "bmp", "tiff") if e in fields), None)
+                ext = next((e for e in (*IMAGE_EXTS, "gif", "bmp", "tiff", "avif") if e in fields), None)
                 if ext is None:
                     raise ImageCheckError("no_image", f"{where} has no image member")
-                data = fields[ext]
-                record, image = image_record(data, where=where)
-                if record["format"] not in ("jpg", "png"):
-                    data = _encode_png(image)
-                    record, image = image_record(data, where=where)
-            except (ImageCheckError, ValueError) as exc:
-                reason = exc.reason if isinstance(exc, ImageCheckError) else "bad_metadata"
+                record, data, mask = _canonical_fields(fields, ext, where)
+            except Exception as exc:  # every per-sample error is a failure row; the shard goes on
+                reason = getattr(exc, "reason", "bad_metadata" if isinstance(exc, ValueError) else "decode_error")
+                message = clean_message(f"{type(exc).__name__}: {exc}")
+                logger.warning("%s: %s", where, message)
                 rows.append({**base, "key": key, "status": "failed", "reason": reason, "source": where})
                 continue
             row = {**base, **_sample_row(fields, record, meta, license_field), "key": key, "status": "ok", "shard": rel}
@@ -262,8 +254,8 @@ def canonicalise_shard(
                 out_fields["cls"] = str(row["label"]).encode()
             if row["caption"]:
                 out_fields["txt"] = row["caption"].encode()
-            if "seg.png" in fields:
-                out_fields["seg.png"] = fields["seg.png"]
+            if mask is not None:
+                out_fields["seg.png"] = mask
             writer.write(key, out_fields)
             rows.append(row)
     if stats.corrupt_shards:

@@ -30,14 +30,13 @@ pairs; the candidates are then verified. The cost is ``O(n * m * patterns * buck
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections.abc import Iterable
 from functools import lru_cache
 from math import comb
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 __all__ = [
     "HASH_SIZE",
@@ -58,6 +57,9 @@ __all__ = [
     "normalize_layout",
     "normalized_layout_rms",
     "pair_tests",
+    "THUMB_SIDE",
+    "thumbnail",
+    "thumbnail_similarity",
     "choose_bands",
     "near_duplicate_pairs",
 ]
@@ -114,8 +116,10 @@ def phash_image(image: Image.Image) -> int:
 
 
 def phash_bytes(data: bytes) -> int:
-    """pHash of encoded image bytes (any format PIL reads)."""
-    with Image.open(io.BytesIO(data)) as image:
+    """pHash of encoded image bytes (the formats of ``franca.data.images.ALLOWED_FORMATS``)."""
+    from franca.data.images import open_image
+
+    with open_image(data) as image:
         return phash_image(image)
 
 
@@ -309,3 +313,60 @@ def near_duplicate_pairs(
     pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 2], pairs[:, 1]))]  # by j, then d, then i
     stats = {"bands": m, "radius_per_band": radius, "candidates": candidates, "pairs": len(pairs)}
     return pairs[:, 0], pairs[:, 1], pairs[:, 2], stats
+
+
+THUMB_SIDE = 16
+THUMB_CROPS = (1.0, 0.97, 0.94)  # central crops: a copy cropped by up to ~6 % matches one of them
+
+
+THUMB_BLUR = 1.5  # Gaussian radius at 32 x 32, before the last 2 x 2 box step: fine texture would alias
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """(3, 16, 16) float32 luminance thumbnails of the whole image and of its central 97 % and 94 %: box filter to
+    32 x 32, Gaussian blur, box filter to 16 x 16. The pixel-level verifier of candidate pairs.
+
+    The blur (measured on the planted copies of tests/data/test_dedup.py): 5 % crops score >= 0.955 against their
+    originals (0.87 without it) while unrelated pairs stay <= 0.81."""
+    gray, out = image.convert("L"), []
+    w, h = gray.size
+    for scale in THUMB_CROPS:
+        cw, ch = w * scale, h * scale
+        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+        big = gray.resize((2 * THUMB_SIDE, 2 * THUMB_SIDE), Image.Resampling.BOX, box=box)
+        small = big.filter(ImageFilter.GaussianBlur(THUMB_BLUR)).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
+        out.append(np.asarray(small, np.float32))
+    return np.stack(out)
+
+
+def _shift_correlation(a: np.ndarray, b: np.ndarray, max_shift: int) -> np.ndarray:
+    """Largest Pearson correlation of (P, S, S) thumbnails over relative shifts of up to ``max_shift`` pixels."""
+    side, best = a.shape[-1], np.full(len(a), -1.0)
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            wa = a[:, max(0, dy) : side + min(0, dy), max(0, dx) : side + min(0, dx)].reshape(len(a), -1)
+            wb = b[:, max(0, -dy) : side + min(0, -dy), max(0, -dx) : side + min(0, -dx)].reshape(len(b), -1)
+            wa, wb = wa - wa.mean(1, keepdims=True), wb - wb.mean(1, keepdims=True)
+            den = np.sqrt((wa * wa).sum(1) * (wb * wb).sum(1))
+            corr = np.divide((wa * wb).sum(1), den, out=np.zeros(len(a)), where=den > 1e-6)
+            best = np.maximum(best, corr)
+    return best
+
+
+def thumbnail_similarity(a: np.ndarray, b: np.ndarray, max_shift: int = 1) -> np.ndarray:
+    """Pixel similarity of pairs of ``thumbnail`` stacks ``a``, ``b`` (P, 3, S, S): the largest Pearson correlation
+    of the whole thumbnail of one image with any central crop of the other, over relative shifts of up to
+    ``max_shift`` pixels (crops and shifts of a few percent). (P,) float32.
+
+    Invariant to a gain and offset of the luminance (exposure, most colour shifts); two flat thumbnails (no
+    variance) score 1 when their means agree within 2 grey levels, a flat one against a textured one scores 0.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    best = np.full(len(a), -1.0)
+    for k in range(a.shape[1]):  # one side whole, the other cropped (either way round)
+        best = np.maximum(best, _shift_correlation(a[:, 0], b[:, k], max_shift))
+        best = np.maximum(best, _shift_correlation(a[:, k], b[:, 0], max_shift))
+    whole_a, whole_b = a[:, 0], b[:, 0]
+    flat = (whole_a.std(axis=(1, 2)) < 0.5) & (whole_b.std(axis=(1, 2)) < 0.5)
+    best[flat] = (np.abs(whole_a.mean(axis=(1, 2)) - whole_b.mean(axis=(1, 2))) <= 2)[flat].astype(np.float64)
+    return best.astype(np.float32)

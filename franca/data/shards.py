@@ -32,6 +32,8 @@ from PIL import Image
 from torch.utils import data as torch_data
 from webdataset import tariterators
 
+from franca.data.images import canonical_image, open_image
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -269,17 +271,20 @@ def iter_raw_samples(path: str | Path, stats: ReadStats | None = None) -> Iterat
 def decode_sample(key: str, fields: Mapping[str, bytes]) -> dict[str, Any]:
     """Decode raw fields to ``dict(key, image: PIL RGB, label: int|None, seg: (H, W) uint8|None, meta: dict)``.
 
+    The image goes through ``franca.data.images.canonical_image`` (a no-op on canonical shards), so even a raw
+    shard decodes upright and 8-bit.
+
     Raises ValueError (naming the key) when the image is missing or cannot be decoded.
     """
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None:
         raise ValueError(f"sample {key!r} has no image member (fields: {sorted(fields)})")
     try:
-        with Image.open(io.BytesIO(fields[ext])) as img:
-            image = img.convert("RGB")  # forces a full decode
+        with open_image(fields[ext], where=key) as img:  # format allow-list: no other decoder is ever reached
+            image = canonical_image(img).convert("RGB")  # forces a full decode; 16-bit scaled, EXIF applied
         seg = None
         if "seg.png" in fields:
-            with Image.open(io.BytesIO(fields["seg.png"])) as img:
+            with Image.open(io.BytesIO(fields["seg.png"]), formats=["PNG"]) as img:
                 seg = np.array(img, dtype=np.uint8)  # (H, W), 255 = ignore
         label = int(fields["cls"].decode().strip()) if "cls" in fields else None
         meta = json.loads(fields["json"]) if "json" in fields else {}

@@ -5,7 +5,9 @@ All write the raw layout of ``fetch`` (``%06d.tar`` + ``%06d.parquet`` status ta
 (``franca.data.manifest.canonicalise``) turns into canonical shards and the manifest. The label is the index of the
 class in the sorted class names (folder names, or synset ids ``n*``); the class name goes into ``<key>.json``.
 Shard ``s`` covers items ``[s * shard_size, (s + 1) * shard_size)`` of the sorted item list, so an interrupted
-ingest resumes by skipping published shards. Some ImageNet-21K members are gzipped JPEGs: they are decompressed.
+ingest resumes by skipping published shards. Some ImageNet-21K members are gzipped JPEGs: they are decompressed (at most
+``MAX_MEMBER_BYTES``; a damaged or oversized one is a ``bad_gzip`` failure row). Any per-item error becomes a
+failure row with its reason and the ingest goes on.
 
 Segmentation trees (``folder_seg``): ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` and one id list per
 split (``ImageSets/Segmentation/<split>.txt``); each split goes to ``<out>/<split>/``. The mask is stored as
@@ -18,12 +20,12 @@ An id without mask (``missing_mask``), without image (``missing_image``), with a
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from franca.data.images import bounded_decompress, clean_message, open_image
 from franca.data.manifest import (
     raw_shard_complete,
     raw_status_path,
@@ -59,6 +62,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".gif": "gif"}
 IGNORE_INDEX = 255  # void / border pixels of a segmentation mask (VOC), skipped by every dense metric
+MAX_MEMBER_BYTES = 256 * 2**20  # decompressed size of one gzipped tar member (a gzip bomb ends as bad_gzip)
 _STATUS_COLUMNS = ["key", "source", "status", "reason", "error_message", "bytes", "label", "class_name"]
 
 
@@ -115,8 +119,9 @@ def _write_range_shards(
 ) -> dict[str, Any]:
     """Write every incomplete raw shard of ``items``.
 
-    ``load(item)`` gives the sample's fields (one image extension -> bytes, optionally ``seg.png``) and raises
-    OSError when the item cannot be ingested (reason ``unreadable``, or the ``reason`` of a SourceItemError).
+    ``load(item)`` gives the sample's fields (one image extension -> bytes, optionally ``seg.png``); any exception
+    it raises makes the item a failure row (reason ``unreadable``, or the ``reason`` of a SourceItemError) and the
+    ingest goes on.
     """
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +137,10 @@ def _write_range_shards(
                 row["class_name"] = item.get("class_name")
                 try:
                     fields = load(item)
-                except (OSError, tarfile.TarError, EOFError) as exc:
+                except Exception as exc:  # every per-item error is a failure row (zlib.error, EOFError...)
                     reason = getattr(exc, "reason", "unreadable")
-                    status.append({**row, "status": "failed", "reason": reason, "error_message": str(exc)})
+                    message = clean_message(f"{type(exc).__name__}: {exc}")
+                    status.append({**row, "status": "failed", "reason": reason, "error_message": message})
                     continue
                 n_bytes = sum(len(v) for k, v in fields.items() if k in IMAGE_SUFFIXES.values())  # the image only
                 meta = {**extra_meta, **{k: v for k, v in item.items() if k not in ("offset", "size")}, "key": key}
@@ -206,7 +212,10 @@ def _read_member(item: dict[str, Any]) -> dict[str, bytes]:
     if len(data) != int(item["size"]):
         raise OSError(f"{item['source']}: tar truncated ({len(data)} of {item['size']} bytes)")
     if data[:2] == b"\x1f\x8b":  # a gzipped JPEG, as a few ImageNet-21K members are
-        data = gzip.decompress(data)
+        try:
+            data = bounded_decompress(data, MAX_MEMBER_BYTES)
+        except (ValueError, EOFError, zlib.error) as exc:
+            raise SourceItemError("bad_gzip", f"{item['source']}: {type(exc).__name__}: {exc}") from exc
     name = item["member"][: -len(".gz")] if item["member"].lower().endswith(".gz") else item["member"]
     return {IMAGE_SUFFIXES.get(Path(name).suffix.lower(), "jpg"): data}
 
@@ -286,9 +295,9 @@ def _seg_loader(num_classes: int, ignore_index: int) -> Callable[[dict[str, Any]
             raise SourceItemError("missing_mask", f"{mask_path}: no mask for id {item['id']}")
         data = image_path.read_bytes()
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(data, where=str(image_path)) as img:
                 size = img.size  # header only; canonicalise does the full decode check
-            with Image.open(mask_path) as img:
+            with Image.open(mask_path, formats=["PNG"]) as img:
                 seg = voc_mask_to_seg(img, num_classes, ignore_index)
         except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
             raise SourceItemError("unreadable", f"{image_path} / {mask_path}: {exc}") from exc

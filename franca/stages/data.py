@@ -86,12 +86,16 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
         shutil.rmtree(tmp)
         return {k: v for k, v in summary.items() if k not in ("out_dir", "manifest")}
     if source == "urls":
+        import inspect
+
         from franca.data.fetch import fetch_urls
 
-        keys = ("url_col", "caption_col", "timeout", "retries", "resize_max_side", "reencode", "concurrency")
-        return fetch_urls(
-            ds["url_list"], out / "train", shard_size=ds["shard_size"], **{k: ds[k] for k in keys if k in ds}
-        )
+        # every fetch_urls option is a dataset key (max_bytes, max_pixels, backoff, user_agent, ...); others fail
+        options = set(inspect.signature(fetch_urls).parameters) - {"url_table_path", "out_dir", "on_shard_done"}
+        unknown = sorted(set(ds) - options - {"source", "url_list", "license"})
+        if unknown:
+            raise ValueError(f"data.datasets (source urls): unknown keys {unknown}; fetch options: {sorted(options)}")
+        return fetch_urls(ds["url_list"], out / "train", **{k: v for k, v in ds.items() if k in options})
     from franca.data import sources
 
     if source == "folder":
@@ -122,6 +126,7 @@ def run_shard(args: argparse.Namespace) -> int:
 
 
 _OPTIONAL_DEDUP_KEYS = ("verify_threshold", "eval_verify_threshold", "layout_threshold", "normalized_layout_threshold")
+_OPTIONAL_DEDUP_KEYS += ("pixel_threshold",)
 
 
 def run_dedup(args: argparse.Namespace) -> int:

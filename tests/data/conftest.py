@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import threading
@@ -49,6 +50,13 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     )
 
 
+@functools.lru_cache(maxsize=2)
+def gzip_zeros(megabytes: int) -> bytes:
+    """A gzip stream of ``megabytes`` MiB of zero bytes (about 1 KiB per MiB), made chunk by chunk."""
+    z, chunk = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS), bytes(2**20)
+    return b"".join(z.compress(chunk) for _ in range(megabytes)) + z.flush()
+
+
 class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default listen backlog of 5 drops connections under concurrent clients
 
@@ -56,12 +64,17 @@ class _Server(ThreadingHTTPServer):
 class ImageServer:
     """Routes: /img/<name> (served bytes), /flaky/<name> (500 once per name, then the image), /always500, /404,
     /slow/<name> (sleeps ``slow_s`` before answering), /truncated.jpg, /page.html, /bomb.png, /large.bin,
-    /loop (redirects to itself), /redirect/<name> (302 to /img/<name>)."""
+    /loop (redirects to itself), /redirect/<name> (302 to /img/<name>), /short.jpg (a body shorter than its
+    Content-Length, then the connection closes), /gzip-bomb (a gzip Content-Encoding body that inflates to
+    ``bomb_mb`` MB of zeros), /to-metadata (302 to the cloud metadata address 169.254.169.254). The User-Agent of
+    every request is recorded in ``agents``."""
 
     def __init__(self, images: dict[str, bytes], slow_s: float = 2.0):
         self.images, self.slow_s = images, slow_s
         self.truncated = next(iter(images.values()))[:-400]
         self.hits: dict[str, int] = {}
+        self.agents: list[str] = []
+        self.bomb_mb = 300
         self.lock = threading.Lock()
         server = self
 
@@ -101,6 +114,7 @@ class ImageServer:
         with self.lock:
             self.hits[path] = self.hits.get(path, 0) + 1
             hits = self.hits[path]
+            self.agents.append(h.headers.get("User-Agent", ""))
         name = path.rsplit("/", 1)[-1]
         if path.startswith("/img/") and name in self.images:
             self.send(h, 200, self.images[name])
@@ -123,6 +137,18 @@ class ImageServer:
             self.send(h, 200, png_bomb(), "image/png")
         elif path == "/large.bin":
             self.send(h, 200, b"\xff" * 300_000)
+        elif path == "/short.jpg":
+            body = next(iter(self.images.values()))
+            h.send_response(200)
+            h.send_header("Content-Type", "image/jpeg")
+            h.send_header("Content-Length", str(len(body) + 5000))
+            h.end_headers()
+            h.wfile.write(body)
+            h.close_connection = True
+        elif path == "/gzip-bomb":
+            self.send(h, 200, gzip_zeros(self.bomb_mb), "image/png", {"Content-Encoding": "gzip"})
+        elif path == "/to-metadata":
+            self.send(h, 302, b"", "text/plain", {"Location": "http://169.254.169.254/latest/meta-data/"})
         else:
             self.send(h, 404, b"not found", "text/plain")
 

@@ -14,6 +14,7 @@ from franca.data.fetch import fetch_urls
 from franca.data.manifest import canonicalise, read_manifest
 
 FAST = {"timeout": 0.5, "retries": 1, "backoff": 0.01, "concurrency": 8, "max_pixels": 4_000_000}
+FAST["allow_private_addresses"] = True  # the test servers listen on 127.0.0.1
 
 
 def hostile_table(server, tmp_path, fmt="parquet"):

@@ -73,6 +73,69 @@ def test_bad_values_are_rejected_with_the_key_named(override, message):
         fc.validate(fc.compose("tiny", "franca", overrides=(override,)))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+optim.warmup_iter=3", "config key optim.warmup_iter: unknown key (set by an override"),
+        ("+eval.knn.kk=3", "config key eval.knn.kk: unknown key"),
+        ("+pretrain.stages.0.optim.lr=3", "pretrain.stages.0.optim.lr: unknown key"),
+        ("+run.chekpoint_period=3", "run.chekpoint_period: unknown key"),
+        ("+data.dedup.hamming=3", "data.dedup.hamming: unknown key"),
+    ],
+)
+def test_unknown_keys_are_rejected_naming_the_key(override, message):
+    """A typo used to run silently with the default (issue 12)."""
+    with pytest.raises(fc.ConfigError, match=re.escape(message)):
+        fc.validate(fc.compose("tiny", "franca", overrides=(override,)))
+
+
+def test_unknown_key_in_a_config_file_names_the_file(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(fc.config_dir(), tmp_path / "config")
+    train = tmp_path / "config" / "train" / "tiny.yaml"
+    train.write_text(re.sub(r"(?m)^optim:\n", "optim:\n  warmup_iter: 5\n", train.read_text(), count=1))
+    monkeypatch.setenv("FRANCA_CONFIG_DIR", str(tmp_path / "config"))
+    with pytest.raises(fc.ConfigError, match=r"optim\.warmup_iter: unknown key \(set in config/train/tiny\.yaml"):
+        fc.validate(fc.compose("tiny", "franca"))
+
+
+@pytest.mark.parametrize(
+    ("preset", "override", "message"),
+    [
+        ("tiny", "+data.datasets.synth.max_byte=1", "data.datasets.synth.max_byte: unknown key"),
+        ("tiny", "data.datasets.synth.source=ftp", "data.datasets.synth.source: 'ftp' is not one of"),
+        ("tiny", "~data.datasets.synth.n_train", "data.datasets.synth: 'n_train' is a required property"),
+        ("tiny", "data.datasets.synth.shard_size=0", "data.datasets.synth.shard_size: 0 is less than"),
+        ("small", "~data.datasets.in_train.root", "data.datasets.in_train: 'root' is a required property"),
+        ("small", "+data.datasets.in_train.url_list=x", "data.datasets.in_train.url_list: unknown key"),
+        ("small", "+data.datasets.voc.ignore_index=300", "data.datasets.voc.ignore_index: 300 is greater than"),
+        ("paper_vitl14_laion", "+data.datasets.laion.max_byte=9", "data.datasets.laion.max_byte: unknown key"),
+        ("paper_vitl14_laion", "data.datasets.laion.reencode=sometimes", "data.datasets.laion.reencode"),
+        ("paper_vitl14_laion", "+data.datasets.laion.allow_private_addresses=yes", "allow_private_addresses"),
+    ],
+)
+def test_bad_dataset_entries_are_rejected(preset, override, message):
+    with pytest.raises(fc.ConfigError, match=re.escape(message)):
+        fc.validate(fc.compose(preset, "franca", overrides=(override,)))
+
+
+def test_urls_dataset_keys_are_the_fetch_options():
+    """Every fetch_urls option is a documented `source: urls` key, and nothing else (issue 12)."""
+    import inspect
+
+    import yaml
+
+    from franca.data.fetch import fetch_urls
+
+    schema = yaml.safe_load((fc.config_dir().parent / "workflow/schemas/method.schema.yaml").read_text())
+    urls = next(
+        b["then"] for b in schema["$defs"]["dataset"]["allOf"] if b["if"]["properties"]["source"]["const"] == "urls"
+    )
+    options = set(inspect.signature(fetch_urls).parameters) - {"url_table_path", "out_dir", "on_shard_done"}
+    assert set(urls["properties"]) == options | {"source", "url_list", "license"}
+
+
 def _dry_run_blocks(out: str) -> list[dict[str, str]]:
     """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "output": ..., "wildcards": ...}."""
     jobs = []
