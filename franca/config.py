@@ -271,7 +271,7 @@ def validate(cfg: Mapping) -> None:
     schema = yaml.safe_load(_schema_path().read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
     if errors:
-        raise ConfigError(_schema_error(errors[0], rel_path))
+        raise ConfigError(_schema_error(errors[0], Path("workflow", "schemas", "method.schema.yaml")))
     for stage in ["highres", *[f"pretrain{i}" for i in range(1, n_pretrain_stages(cfg) + 1)]]:
         sc = stage_config(cfg, "highres") if stage == "highres" else stage_config(cfg, "pretrain", int(stage[8:]))
         patch = sc["model"]["patch_size"]

@@ -103,11 +103,18 @@ def small_overrides(tmp_path) -> list[str]:
     return out + ["data.datasets.voc.shard_size=2", "eval.img_size=16", "eval.batch_size=4"]
 
 
-def stage(*argv: str, overrides: list[str]) -> None:
-    args = [*argv, "--preset", "small", "--threads", "1"]
-    for override in overrides:
-        args += ["--override", override]
-    assert cli.main(args) == 0
+def job_configs(root, overrides: list[str]) -> dict[str, str]:
+    """What `franca config` writes for the small preset: {job name (e.g. "data/voc", "franca/s0/features"): file}."""
+    cfg = fc.compose("small", "franca", 0, tuple(overrides))
+    fc.validate(cfg)
+    files = fc.job_files(cfg, root / "config", "franca", 0)
+    return {
+        str(p.relative_to(root / "config").with_suffix("")): str(fc.write_slice(p, obj)) for p, obj in files.items()
+    }
+
+
+def stage(*argv: str, config: str) -> None:
+    assert cli.main([*argv, "--config", config, "--threads", "1"]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +123,13 @@ def small_data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("small")
     masks, folders = make_voc_tree(tmp / "VOC2012"), make_class_folders(tmp / "imagenet")
     overrides = small_overrides(tmp)
+    configs = job_configs(tmp, overrides)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FRANCA_TRACKING", "off")
         for name in ("in_train", "in_val", "voc"):
-            stage("data", "fetch", "--dataset", name, "--out", str(tmp / "data" / name / "raw"), overrides=overrides)
-            stage(
-                "data", "shard", "--dataset", name, "--raw", str(tmp / "data" / name / "raw"),
-                "--out", str(tmp / "data" / name), overrides=overrides,
-            )  # fmt: skip
+            raw, cfg = str(tmp / "data" / name / "raw"), configs[f"data/{name}"]
+            stage("data", "fetch", "--dataset", name, "--out", raw, config=cfg)
+            stage("data", "shard", "--dataset", name, "--raw", raw, "--out", str(tmp / "data" / name), config=cfg)
     return {"root": tmp, "masks": masks, "folders": folders, "overrides": overrides}
 
 
@@ -208,6 +214,37 @@ def test_small_classification_reads_val_dataset():
         fc.used_datasets(fc.compose("small", "franca", overrides=("data.classification.val_dataset=in_vall",)))
 
 
+SHARDS = [f"--shards={name}=data/{name}/shards" for name in ("in_train", "in_val", "voc")]
+
+
+def test_capped_sets_keep_every_class(small_data, monkeypatch, ckpt_file):
+    """eval.max_*_images caps sample by class with a fixed seed: the class-sorted folder shards keep every class
+    (the first 3 images would be classes 0 and 1 only)."""
+    monkeypatch.chdir(small_data["root"])
+    monkeypatch.setenv("FRANCA_TRACKING", "off")
+    caps = ["eval.max_train_images=3", "eval.max_eval_images=2"]
+    config = job_configs(small_data["root"], [*small_data["overrides"], *caps])["franca/s0/features"]
+    stage("features", "--checkpoint", str(ckpt_file), *SHARDS, "--out", "capped", config=config)
+    feats = torch.load(small_data["root"] / "capped" / "features.pt", weights_only=True)
+    assert sorted(feats["linear"]["train"]["labels"].tolist()) == [0, 1, 2]
+    assert sorted(feats["linear"]["val"]["labels"].tolist()) == [0, 2]
+    assert feats["caps"]["applied"]["in_train:train"] == {"used": 3, "available": 6}
+
+
+@pytest.fixture
+def ckpt_file(small_data):
+    from franca.models.vision_transformer import build_backbone
+    from franca.train.checkpoint import FORMAT_TAG
+
+    torch.manual_seed(0)
+    model_cfg = fc.compose("tiny", "franca")["model"]
+    backbone = build_backbone(model_cfg)
+    ckpt = small_data["root"] / "ckpt.pt"
+    teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    torch.save({"format": FORMAT_TAG, "teacher": teacher, "config": {"model": model_cfg}}, ckpt)
+    return ckpt
+
+
 def test_features_stage_takes_val_and_test_from_val_dataset(small_data, monkeypatch):
     from franca.models.vision_transformer import build_backbone
     from franca.train.checkpoint import FORMAT_TAG
@@ -218,15 +255,16 @@ def test_features_stage_takes_val_and_test_from_val_dataset(small_data, monkeypa
     ckpt = small_data["root"] / "ckpt.pt"
     teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     torch.save({"format": FORMAT_TAG, "teacher": teacher, "config": {"model": model_cfg}}, ckpt)
-    monkeypatch.chdir(small_data["root"])  # the stage reads data/<name>/shards
+    monkeypatch.chdir(small_data["root"])
     monkeypatch.setenv("FRANCA_TRACKING", "off")
-    stage("features", "--checkpoint", str(ckpt), "--out", "feats", overrides=small_data["overrides"])
+    config = job_configs(small_data["root"], small_data["overrides"])["franca/s0/features"]
+    stage("features", "--checkpoint", str(ckpt), *SHARDS, "--out", "feats", config=config)
     feats = torch.load(small_data["root"] / "feats" / "features.pt", weights_only=True)
     folders = small_data["folders"]
     train_labels, val_labels = (sorted(label for _, label in folders[s]) for s in ("train", "val"))
     assert sorted(feats["linear"]["train"]["labels"].tolist()) == train_labels == [0, 0, 1, 1, 2, 2]
-    for split in ("val", "test"):
-        assert sorted(feats["linear"][split]["labels"].tolist()) == val_labels == [0, 0, 2, 2]
+    assert sorted(feats["linear"]["val"]["labels"].tolist()) == val_labels == [0, 0, 2, 2]
+    assert "test" not in feats["linear"]  # the same images as val: not reported again
     assert feats["linear_sources"] == {
         "train": ["in_train", "train"],
         "val": ["in_val", "train"],
