@@ -62,3 +62,22 @@ def adamw_drift_bound(lrs: Sequence[float], betas: Sequence[float] = (0.9, 0.999
 def report(test: str, quantity: str, measured: float, bound: float) -> None:
     """Print a measured spread next to the bound the test allows (visible with ``pytest -s``)."""
     print(f"[numerics] {test}: {quantity} measured {measured:.3g} bound {bound:.3g}")
+
+
+def relative_spread(a: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> float:
+    """Largest per-tensor max |a - ref| / max |ref|: the rounding level of a computation, in units of its scale."""
+    assert a.keys() == ref.keys(), sorted(set(a) ^ set(ref))
+    return max(float((a[k].double() - ref[k].double()).abs().max() / ref[k].double().abs().max()) for k in ref)
+
+
+def adamw_first_step_bound(g: torch.Tensor, delta: float, lr: float, w: torch.Tensor, eps: float = 1e-8):
+    """Per element: the largest |w1 - w2| after AdamW's first step from the same weights ``w`` (either result) with
+    gradients g and g' = g + d, |d| <= delta, lr multipliers <= 1.
+
+    Step 1 moves by lr * u(g) with u(g) = g / (|g| + eps) (m_hat = g, v_hat = g^2): |u| <= 1, u' = eps / (|g| + eps)^2,
+    so |u(g) - u(g')| <= min(2, delta * eps / (max(|g| - delta, 0) + eps)^2). A gradient within delta of 0 may flip
+    the whole step (2 lr); a clear one moves by far less than one float32 unit. Plus float32 rounding of w - lr u:
+    2 units of max(|w_before|, lr) <= |w| + 2 lr. Decoupled weight decay is the same on both sides."""
+    g = g.double().abs()
+    du = torch.clamp(delta * eps / ((g - delta).clamp(min=0) + eps) ** 2, max=2.0)
+    return lr * du + 2 * EPS32 * (w.double().abs() + 2 * lr)
