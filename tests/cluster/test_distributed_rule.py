@@ -45,9 +45,15 @@ DIST_CHANGES = {
     "model.drop_path_rate": 0,
 }
 SINGLE_CHANGES = {**DIST_CHANGES, "train.world_size": 1, "train.batch_size_per_gpu": 16 * WORLD}
-# float summation order (gloo all-reduce of gradients and Sinkhorn-Knopp sums vs one process): measured max abs
-# difference 3e-7 to 8e-7 after 6 AdamW steps; a plain batch-32 run (other samples, crops, masks) differs by 1e-2
-ATOL, RTOL = 2e-5, 1e-4
+# Tolerance (issue 14): the 2-process run and the reference sum the same terms in another order (gloo all-reduce of
+# the gradients and of the Sinkhorn-Knopp sums vs one process), and AdamW makes a rounding-level change of a near-zero
+# gradient a step of up to ~lr (m_hat / sqrt(v_hat) is scale-free). The size of that difference depends on the CPU's
+# kernels (max |diff| 7e-6 on an AVX2 EPYC, 2.3e-5 on an AVX-512 one, where the former atol 2e-5 failed). So the
+# test measures, in the same run, the spread of a pure reduction-order change: the reference again with the ranks'
+# batches concatenated in reverse order (the same samples, every sum over the batch in another order), and allows
+# SPREAD_FACTOR x its L2 norm over all weights. Measured on the AVX2 EPYC: |dist - ref| 1.8e-5, |rev - ref| 3.7e-5
+# (other reorderings, MKL_CBWR / ATEN_CPU_CAPABILITY: 1.8e-5 to 4.8e-5); a plain batch-32 run differs by ~1e-2 per
+# weight, i.e. an L2 norm of order 1.
 
 
 def concatenate_rank_batches(batches: list[dict]) -> dict:
@@ -80,7 +86,7 @@ class MergedRankPipeline:
     batches that ranks 0..n-1 of an n-process run would draw (their own ``DataPipeline``, shard split, masking and
     collation RNGs, and global torch/NumPy/Python RNG streams seeded ``seed + rank`` as ``train`` does per rank)."""
 
-    def __init__(self, cfg, shards, kept_keys, seed, rank, world_size, start_sample, *, n_ranks: int, base):
+    def __init__(self, cfg, shards, kept_keys, seed, rank, world_size, start_sample, *, n_ranks: int, base, order=None):
         from franca.train.checkpoint import capture_rng_state, restore_rng_state
 
         if (rank, world_size, start_sample) != (0, 1, 0):
@@ -101,6 +107,7 @@ class MergedRankPipeline:
             self.states.append(capture_rng_state())
         restore_rng_state(outer)
         self.generators = {f"rank{r}_{k}": g for r, p in enumerate(self.pipes) for k, g in p.generators.items()}
+        self.order = list(range(n_ranks)) if order is None else list(order)  # the ranks' order in the batch
 
     @property
     def position(self) -> int:
@@ -113,7 +120,7 @@ class MergedRankPipeline:
             batches.append(pipe.next_batch())
             self.states[r] = self._capture()
         self._restore(outer)
-        return concatenate_rank_batches(batches)
+        return concatenate_rank_batches([batches[r] for r in self.order])
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -121,13 +128,17 @@ class MergedRankPipeline:
 
 
 def _reference_main(argv: list[str]) -> int:
-    """``python test_distributed_rule.py N_RANKS <franca args>``: `franca <args>` with the merged pipeline."""
+    """``python test_distributed_rule.py N_RANKS[:reversed] <franca args>``: `franca <args>` with the merged
+    pipeline; ``:reversed`` concatenates the ranks' batches in reverse order (the same samples, summed in another
+    order)."""
     import functools
 
     from franca import cli
     from franca.train import loop
 
-    loop.DataPipeline = functools.partial(MergedRankPipeline, n_ranks=int(argv[0]), base=loop.DataPipeline)
+    n_ranks, _, how = argv[0].partition(":")
+    order = list(range(int(n_ranks)))[:: -1 if how == "reversed" else 1]
+    loop.DataPipeline = functools.partial(MergedRankPipeline, n_ranks=int(n_ranks), base=loop.DataPipeline, order=order)
     return cli.main(argv[1:])
 
 
@@ -220,25 +231,53 @@ def test_rank_split_reads_other_samples_than_one_process(dist_rule):
     assert not set(ranks[1]) & set(single)  # rank 1 reads another shard; one process is still in the first one
 
 
+def _reference(cluster, repo: Path, out: str, order: str) -> float:
+    """The single-process reference run (this file as a script) into ``out``; returns its wall time."""
+    args = _franca_args(cluster, repo, out, cluster.subset_overrides(SINGLE_CHANGES))
+    start = time.monotonic()
+    cluster.sh([sys.executable, str(Path(__file__).resolve()), order, *args], repo, timeout=600)
+    return time.monotonic() - start
+
+
+def _lrs(ckpt: Path) -> tuple[list[float], list[float]]:
+    """The lr of each of the run's iterations (the larger of lr and last_layer_lr) and AdamW's betas."""
+    from franca.train.schedules import build_schedules
+
+    cfg = torch.load(ckpt, map_location="cpu", weights_only=True)["config"]
+    sched = build_schedules(cfg, world_size=1)
+    values = [sched.at(it) for it in range(int(cfg["optim"]["iterations"]))]
+    return [max(v["lr"], v["last_layer_lr"]) for v in values], list(cfg["optim"]["betas"])
+
+
 @pytest.mark.slow
 def test_torchrun_rule_equals_single_process_on_merged_batches(cluster, dist_rule):
-    repo = dist_rule["repo"]
-    out = "results/reference/franca/s0/stage1"
-    overrides = cluster.subset_overrides(SINGLE_CHANGES)
-    args = _franca_args(cluster, repo, out, overrides)
-    start = time.monotonic()
-    cluster.sh([sys.executable, str(Path(__file__).resolve()), str(WORLD), *args], repo, timeout=600)
-    wall = time.monotonic() - start
-    ref, dist = _weights(repo / out / "checkpoint.pt"), _weights(repo / CKPT)
-    assert ref.keys() == dist.keys()
-    diffs = {k: float((ref[k] - dist[k]).abs().max()) for k in ref}
-    for key in ref:
-        torch.testing.assert_close(dist[key], ref[key], atol=ATOL, rtol=RTOL, msg=lambda m, k=key: f"{k}: {m}")
-    # the logged loss: mean of the per-rank losses == the loss of the concatenated batch (no KoLeo)
-    assert _losses((repo / CKPT).with_name("metrics.jsonl")) == pytest.approx(
-        _losses(repo / out / "metrics.jsonl"), rel=1e-5
-    )
-    print(f"single-process reference on merged batches: {wall:.0f} s; max |diff| {max(diffs.values()):.2e}")
+    from numerics import EPS32, SPREAD_FACTOR, adamw_drift_bound, l2_diff, max_abs_diff, report  # (not in the script)
+
+    repo, name = dist_rule["repo"], "test_torchrun_rule_equals_single_process_on_merged_batches"
+    out, rev_out = "results/reference/franca/s0/stage1", "results/reference_reversed/franca/s0/stage1"
+    wall = _reference(cluster, repo, out, str(WORLD))
+    _reference(cluster, repo, rev_out, f"{WORLD}:reversed")
+    ref, rev, dist = (_weights(repo / p / "checkpoint.pt") for p in (out, rev_out, str(Path(CKPT).parent)))
+    # the spread is a rounding effect: tiny next to the training itself (the last 3 steps move the weights by ~5)
+    (ckpt3,) = (repo / "work/ckpt" / out).rglob("ckpt-*.pt")  # kept: run.keep_rolling
+    half = torch.load(ckpt3, map_location="cpu", weights_only=True)
+    update = l2_diff(ref, {f"{t}.{k}": v for t in ("student", "teacher") for k, v in half[t].items()})
+    spread = l2_diff(rev, ref)
+    assert 0 < spread < 1e-3 * update, (spread, update)
+    report(name, "L2 |dist - ref| over all weights", l2_diff(dist, ref), SPREAD_FACTOR * spread)
+    assert l2_diff(dist, ref) <= SPREAD_FACTOR * spread
+    # per weight, whatever the rounding: two AdamW runs cannot drift apart faster than 2 lr_t per step
+    lrs, betas = _lrs(repo / out / "checkpoint.pt")
+    report(name, "max |dist - ref| per weight", max_abs_diff(dist, ref), adamw_drift_bound(lrs, betas))
+    assert max_abs_diff(dist, ref) <= adamw_drift_bound(lrs, betas)
+    # the logged loss: mean of the per-rank losses == the loss of the concatenated batch (no KoLeo), up to the same
+    # reordering spread and a few float32 roundings of the final sum of the loss terms
+    got, ref_l, rev_l = (_losses(p / "metrics.jsonl") for p in ((repo / CKPT).parent, repo / out, repo / rev_out))
+    loss_spread = max(abs(a - b) for a, b in zip(rev_l, ref_l, strict=True))
+    for a, b in zip(got, ref_l, strict=True):
+        report(name, "|loss dist - ref|", abs(a - b), SPREAD_FACTOR * loss_spread + 8 * EPS32 * abs(b))
+        assert abs(a - b) <= SPREAD_FACTOR * loss_spread + 8 * EPS32 * abs(b), (got, ref_l)
+    print(f"single-process reference on merged batches: {wall:.0f} s; L2 |dist - ref| {l2_diff(dist, ref):.2e}")
 
 
 @pytest.fixture(scope="module")

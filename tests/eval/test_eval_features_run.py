@@ -112,6 +112,8 @@ def test_real_backbone_integration():
     lin = extract_linear_features(model, samples, n_last_blocks=4, resize_size=16, crop_size=16)
     assert lin["cls_tokens"].shape == (4, 2, 32) and lin["patch_mean"].shape == (4, 32)
     cls = extract_cls_features(model, samples, resize_size=16, crop_size=16)
+    # tolerance: the same network through two entry points (other batch layouts, hence other GEMM blocking): float32
+    # rounding of LayerNorm'd O(1) values, a few units of 1.2e-7; 1e-5 = 84 units (measured: exact on this CPU)
     torch.testing.assert_close(lin["cls_tokens"][:, -1], cls["features"], atol=1e-5, rtol=1e-5)
     head = RASAHead(32, torch.randn(2, 2, 32))
     plain = extract_patch_features(model, samples, resize_size=16, crop_size=16)

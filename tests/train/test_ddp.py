@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from numerics import EPS32, SPREAD_FACTOR, adamw_first_step_bound, relative_spread, report
 
 from franca.data.collate import collate_data_and_cast
 from franca.data.masking import MaskingGenerator
@@ -118,6 +119,7 @@ def _one_step(cfg, info, batch):
     return {
         "loss": float(losses["loss"]),
         "lr": values["lr"],
+        "last_layer_lr": values["last_layer_lr"],
         "momentum": values["momentum"],
         "grads": grads,
         "student": D.module_dict_state(model.student),
@@ -157,6 +159,12 @@ def test_single_process_has_no_group(monkeypatch):
 
 
 def test_two_rank_ddp_step_equals_one_process_on_concatenated_batch(tmp_path):
+    """Tolerances (issue 14): 2 ranks sum the same terms as one process in another order, by a CPU-dependent rounding.
+    The test measures that rounding in the same run: one process again on the concatenated batch with the ranks in
+    reverse order (same samples, every batch sum reordered). Gradients: within SPREAD_FACTOR x its relative spread
+    (measured: 7.7e-7 of each tensor's max |g| for the reversal, 1.2e-6 for DDP). Weights after the first AdamW step:
+    the per-element bound that this gradient bound implies (numerics.adamw_first_step_bound): 2 lr where |g| is
+    within it of 0 (a sign flip), float32 rounding where the gradient is clear."""
     batches = [_rank_batch(seed) for seed in (11, 22)]
     assert all(int(b["n_masked_patches"]) > 0 for b in batches)
     for r, b in enumerate(batches):
@@ -165,28 +173,40 @@ def test_two_rank_ddp_step_equals_one_process_on_concatenated_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2)]
 
     torch.set_num_threads(1)
-    single = _one_step(_ddp_cfg(), D.DistInfo(0, 1, 0, torch.device("cpu"), None), _concatenate(batches))
-    # the loss: mean over ranks of per-rank losses == loss of the concatenated batch (no KoLeo)
-    assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(single["loss"], rel=1e-5)
+    info = D.DistInfo(0, 1, 0, torch.device("cpu"), None)
+    single = _one_step(_ddp_cfg(), info, _concatenate(batches))
+    rev = _one_step(_ddp_cfg(), info, _concatenate(batches[::-1]))
+    name = "test_two_rank_ddp_step_equals_one_process_on_concatenated_batch"
+    # the loss: mean over ranks of per-rank losses == loss of the concatenated batch (no KoLeo), up to the measured
+    # reordering spread and a few float32 roundings of the sum of the loss terms
+    loss_diff = abs(sum(r["loss"] for r in ranks) / 2 - single["loss"])
+    loss_bound = SPREAD_FACTOR * abs(rev["loss"] - single["loss"]) + 8 * EPS32 * abs(single["loss"])
+    report(name, "|loss ddp - single|", loss_diff, loss_bound)
+    assert loss_diff <= loss_bound
     # DDP keeps the replicas identical
     for key, value in ranks[0]["student"].items():
         assert torch.equal(value, ranks[1]["student"][key]), key
-    # the averaged (and per-module clipped) gradients equal the single-process gradients
-    for name, g in single["grads"].items():
-        torch.testing.assert_close(ranks[0]["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    # the AdamW update: its first step is ~ lr * g / |g|, which turns float noise on a near-zero gradient into a
-    # difference of up to 2 lr; it must agree wherever |g| stands above that noise, and be bounded everywhere
-    lr, m = single["lr"], single["momentum"]
-    n_compared = 0
-    for name, g in single["grads"].items():
-        d_student = (ranks[0]["student"][name] - single["student"][name]).abs()
-        d_teacher = (ranks[0]["teacher"][name] - single["teacher"][name]).abs()
-        assert float(d_student.max()) <= 2 * lr * 1.01, name
-        assert float(d_teacher.max()) <= (1 - m) * 2 * lr * 1.01 + 1e-7, name
-        clear = g.abs() > 1e-5
-        n_compared += int(clear.sum())
-        assert float(torch.where(clear, d_student, 0.0).max()) <= 1e-3 * lr + 1e-7, name
-    assert n_compared > 0.5 * sum(g.numel() for g in single["grads"].values())
+    # the averaged (and per-module clipped) gradients equal the single-process gradients up to the rounding spread
+    grads, spread = single["grads"], relative_spread(rev["grads"], single["grads"])
+    assert 0 < spread < 1e-4, spread  # the reversal is a rounding effect, not other data
+    report(
+        name, "max|g ddp - g| / max|g| per tensor", relative_spread(ranks[0]["grads"], grads), SPREAD_FACTOR * spread
+    )
+    delta = {n: SPREAD_FACTOR * spread * float(g.abs().max()) for n, g in grads.items()}
+    for n, g in grads.items():
+        torch.testing.assert_close(ranks[0]["grads"][n], g, rtol=0, atol=delta[n], msg=lambda m, n=n: f"{n}: {m}")
+    # the AdamW update (its first step: lr * g / (|g| + eps)) and the EMA teacher, per element
+    lr, m = max(single["lr"], single["last_layer_lr"]), single["momentum"]
+    worst = 0.0
+    for n, g in grads.items():
+        bound = adamw_first_step_bound(g, delta[n], lr, single["student"][n])
+        d_student = (ranks[0]["student"][n].double() - single["student"][n].double()).abs()
+        d_teacher = (ranks[0]["teacher"][n].double() - single["teacher"][n].double()).abs()
+        t_bound = (1 - m) * bound + 2 * EPS32 * (single["teacher"][n].double().abs() + single["student"][n].abs())
+        assert bool((d_student <= bound).all()), (n, float((d_student / bound).max()))
+        assert bool((d_teacher <= t_bound).all()), (n, float((d_teacher / t_bound).max()))
+        worst = max(worst, float((d_student / bound).max()))
+    report(name, "max |w ddp - w| / per-element AdamW bound", worst, 1.0)
 
 
 def _loop_worker(rank: int, world_size: int, port: int, tmp: str, shards: list[str]) -> None:
