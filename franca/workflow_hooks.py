@@ -68,11 +68,27 @@ def dvc_commit() -> None:
     for stage in yaml.safe_load(Path("dvc.yaml").read_text())["stages"].values():
         for out in stage.get("outs", []):
             Path(out).mkdir(parents=True, exist_ok=True)  # a phase no experiment ran is recorded as empty
+    times = _times([out for stage in yaml.safe_load(Path("dvc.yaml").read_text())["stages"].values()
+                    for out in stage.get("outs", [])])  # fmt: skip
     _dvc("commit", "--force", "--quiet")
     # `dvc commit` copies into the cache unless the first cache type is hardlink; relinking replaces each workspace
     # copy with a reflink / hardlink / symlink to the cache (.dvc/config), so a dataset is not kept twice
     _dvc("checkout", "--relink", "--quiet")
+    _restore_times(times)  # the links carry the cache's times: put back the run's, so that nothing looks newer
     log.info("dvc.lock updated")
+
+
+def _times(roots: list[str]) -> dict[Path, tuple[int, int]]:
+    """(atime_ns, mtime_ns) of every file and directory under ``roots``."""
+    paths = [p for root in roots for p in [Path(root), *Path(root).rglob("*")] if p.exists()]
+    return {p: (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in paths}
+
+
+def _restore_times(times: dict[Path, tuple[int, int]]) -> None:
+    """Files first, then directories deepest first (relinking a file touches its directory)."""
+    for path in sorted(times, key=lambda p: (p.is_dir(), -len(p.parts))):
+        if path.exists():
+            os.utime(path, ns=times[path])
 
 
 def _dvc(*args: str) -> None:

@@ -32,9 +32,20 @@ def add_job_args(parser: argparse.ArgumentParser) -> None:
 
 
 def start(args: argparse.Namespace) -> dict[str, Any]:
-    """Limit the thread pools and read the job's config slice (nothing is composed again here)."""
-    limit_threads(args.threads)
+    """Limit the thread pools and read the job's config slice (nothing is composed again here). ``--threads`` is the
+    job's budget on this node: the processes of a torchrun / srun job share it."""
+    limit_threads(max(1, args.threads // local_processes()))
     return fc.read_slice(args.config)
+
+
+def local_processes() -> int:
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, else srun's tasks per node, else 1."""
+    env = os.environ
+    if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return int(env["LOCAL_WORLD_SIZE"])
+    if env.get("SLURM_STEP_NUM_TASKS", "").isdigit() and env.get("SLURM_STEP_NUM_NODES") == "1":
+        return int(env["SLURM_STEP_NUM_TASKS"])  # inside `srun -n N` on one node
+    return 1
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -150,6 +152,15 @@ def _franca_args(cluster, repo: Path, out: str, overrides: list[str]) -> list[st
     files = {Path(p).stem.rsplit("-", 1)[0]: p for p in written if "/franca/s0/" in p}
     return ["pretrain", "--config", files["pretrain1"], "--run-config", files["run"], "--shards", "data/synth/shards",
             "--kept", "data/dedup/synth/kept.txt", "--out", out, "--threads", "1"]  # fmt: skip
+
+
+def _rule_args(repo: Path, out: str) -> list[str]:
+    """The torchrun rule's `franca` arguments as its log records them (the command that reruns the job by hand),
+    with another output directory."""
+    log = (repo / "logs/pretrain/franca/s0/stage1.log").read_text()
+    args = shlex.split(re.search(r"INFO franca: command: franca (.*)$", log, re.M).group(1))
+    args[args.index("--out") + 1] = out
+    return args
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -282,12 +293,13 @@ def test_torchrun_rule_equals_single_process_on_merged_batches(cluster, dist_rul
 
 @pytest.fixture(scope="module")
 def srun_run(cluster, slurm_up, dist_rule) -> dict:
-    """`srun -n 2 franca pretrain` with the rule's arguments (SLURM_PROCID/SLURM_NTASKS init path), another --out."""
+    """`srun -n 2 franca pretrain` with the rule's command line from its log (SLURM_PROCID/SLURM_NTASKS init path),
+    another --out."""
     repo = dist_rule["repo"]
     out = "results/srun/franca/s0/stage1"
     name = f"franca-test-srun-{time.time_ns()}"
     srun = ["srun", "-n", str(WORLD), "-c", "1", "-t", "10", "-p", slurm_up, "-J", name, "--kill-on-bad-exit=1"]
-    cmd = ["timeout", "-s", "KILL", "400", *srun, "franca", *_franca_args(cluster, repo, out, dist_rule["overrides"])]
+    cmd = ["timeout", "-s", "KILL", "400", *srun, "franca", *_rule_args(repo, out)]
     start = time.monotonic()
     try:
         result = cluster.sh(cmd, repo, timeout=450, check=False)

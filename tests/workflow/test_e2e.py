@@ -100,7 +100,7 @@ def test_job_command_from_its_log_reproduces_its_output(run, tmp_path):
     repo = run["repo"]
     log = (repo / "logs/eval/franca/s0/pretrain.log").read_text()
     command = re.search(r"INFO franca: command: (.*)$", log, re.M).group(1)
-    assert "--config work/config/franca/s0/eval.json" in command and "--threads" in command
+    assert re.search(r"--config work/config/franca/s0/eval-[0-9a-f]{12}\.json", command) and "--threads" in command
     redo = command.replace("--out-dir results/eval/franca/s0/pretrain", f"--out-dir {tmp_path}")
     sh(["bash", "-c", redo], repo)
     for bench in ("knn", "linear", "position_probe"):
