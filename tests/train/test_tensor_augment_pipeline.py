@@ -41,7 +41,9 @@ def _equal(a: dict, b: dict) -> bool:
 def test_tensor_batch_has_the_pil_batch_layout(setup):
     cfg, shards = setup
     assert _pipeline(cfg, shards, "pil").augment.__class__.__name__ == "DataAugmentationDINO"  # the default path
-    pil, ten = _pipeline(cfg, shards, "pil").next_batch(), _pipeline(cfg, shards, "tensor").next_batch()
+    tensor = _pipeline(cfg, shards, "tensor")
+    assert tensor.augment.__class__.__name__ == "TensorAugmentationDINO" and "augment" in tensor.generators
+    pil, ten = _pipeline(cfg, shards, "pil").next_batch(), tensor.next_batch()
     assert set(pil) == set(ten)
     for key, value in pil.items():
         if torch.is_tensor(value):
@@ -71,6 +73,7 @@ def test_tensor_path_is_deterministic_and_resumable(setup):
 def test_tensor_path_with_workers(setup):
     cfg, shards = setup
     data = _pipeline(cfg, shards, "tensor", workers=1)
+    assert data.augment.__class__.__name__ == "TensorAugmentationDINO"
     try:
         batch = data.next_batch()
     finally:
