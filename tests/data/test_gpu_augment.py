@@ -241,22 +241,24 @@ def test_point_ops_match_pil_within_uint8_rounding():
         assert diff <= tol + 1e-6, (name, diff * 255)
 
 
-def test_resize_close_to_pil_bicubic():
-    """Down-scaling a box: torch's antialiased bicubic (PIL's a = -0.5 kernel) against PIL's, on average within a
-    level (PIL computes in fixed point; a few border pixels differ more)."""
-    img = _uint8_image(60, 80, 0)
+@pytest.mark.parametrize(("box", "size"), [((10, 20, 250, 300), 224), ((5, 5, 60, 70), 98), ((5, 7, 20, 15), 40)])
+def test_resize_matches_pil_bicubic(box, size):
+    """Down- and up-scaling a box of a noisy image: torch's uint8 antialiased bicubic (PIL's a = -0.5 kernel in fixed
+    point) against PIL's: both round to uint8, so a pixel may land one level apart (two at an up-scaled border)."""
+    img = _uint8_image(300, 400, 0)
+    noise = torch.randn(img.shape, generator=torch.Generator().manual_seed(0)) * 20
+    img = (img.float() + noise).clamp(0, 255).round().to(torch.uint8)
     pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-    pil_crop = TF.resized_crop(pil, 5, 7, 40, 50, [24, 24], TF.InterpolationMode.BICUBIC, antialias=True)
-    ours = G.apply_params([img], _one_crop(5, 7, 40, 50), 24)[0]
-    diff = (ours - _pil_to_float(pil_crop)).abs()
-    assert diff.mean().item() < 1 / 255 and diff.max().item() <= 4 / 255, diff.max().item() * 255
+    pil_crop = TF.resized_crop(pil, *box, [size, size], TF.InterpolationMode.BICUBIC, antialias=True)
+    diff = (G.apply_params([img], _one_crop(*box), size)[0] - _pil_to_float(pil_crop)).abs() * 255
+    assert diff.max().item() <= 2 + 1e-3 and diff.mean().item() < 0.05, (diff.max().item(), diff.mean().item())
 
 
 def _reference_crop(img: torch.Tensor, p: G.CropParams, n: int, size: int) -> torch.Tensor:
-    """Crop ``n`` of ``p`` with torchvision's per-image tensor functions, in the PIL path's order."""
+    """Crop ``n`` of ``p`` with torchvision's per-image tensor functions, in the PIL path's order (uint8 resize)."""
     t, l_, h, w = (int(v[n]) for v in (p.top, p.left, p.height, p.width))
-    x = TF.resized_crop(img.float(), t, l_, h, w, [size, size], TF.InterpolationMode.BICUBIC, antialias=True)
-    x = x.round().clamp(0, 255) / 255
+    box = img[None, :, t : t + h, l_ : l_ + w]  # the resize itself is checked against PIL above
+    x = torch.nn.functional.interpolate(box, size=(size, size), mode="bicubic", antialias=True)[0].float() / 255
     if p.flip[n]:
         x = TF.hflip(x)
     if p.jitter[n]:
@@ -330,8 +332,12 @@ def test_cuda_path_equals_cpu_path():
     cpu_imgs = G.decode_images(blobs, "cpu")
     gpu_imgs = G.decode_images(blobs, "cuda")
     assert all(g.is_cuda for g in gpu_imgs)
-    # nvJPEG and libjpeg may differ by a few levels: compare the augmentation on the same (CPU-decoded) pixels
+    assert all((g.cpu().int() - c.int()).abs().float().mean() < 2 for g, c in zip(gpu_imgs, cpu_imgs, strict=True))
+    # compare the augmentation on the same (CPU-decoded) pixels; the same generator seed gives the same parameters.
+    # CUDA resizes in float (CPU: uint8 fixed point), so a pixel may differ by a level or two, which the colour ops
+    # carry and solarize can turn into a full inversion of the rare pixels next to its threshold
     ref = aug(cpu_imgs, torch.Generator().manual_seed(0))
     out = aug([im.cuda() for im in cpu_imgs], torch.Generator().manual_seed(0))
     for key in ref:
-        assert torch.allclose(out[key].cpu(), ref[key], atol=2e-2 / 0.225), key  # a resize-rounding flip per pixel
+        diff = (out[key].cpu() - ref[key]).abs() * 0.225 * 255  # in uint8 levels
+        assert diff.mean() < 1.0 and torch.quantile(diff.flatten(), 0.99) < 4, key
