@@ -4,12 +4,15 @@ For each shape (``tiny`` preset; ``small`` = ViT-S/14; ViT-B/14 and ViT-L/14 pap
 ``franca.train.loop.train_step`` (teacher + Sinkhorn-Knopp, student, losses, backward, clipping, AdamW, EMA) on
 pre-collated random batches, and divides ``franca.flops.training_step_flops`` (what ``franca plan`` counts: teacher
 forward, student forward and backward, Sinkhorn-Knopp; per device) by the median step time. The peak is measured in
-the same run, before and after every shape: fp32 sgemm (``torch.mm`` of two n x n matrices) on the CPU with the given
-threads, bf16 on CUDA; the best of the runs is the peak. Where ``--loop-shapes`` names a shape, the loop also runs
-with its real data path (generated shards -> ``DataPipeline`` -> ``train_step``, the body of
-``franca.train.loop.train``) and reports the share of the iteration spent waiting for ``next_batch``.
+the same run, right before every timed step and after the last: fp32 sgemm (``torch.mm`` of two n x n matrices) on the
+CPU with the given threads, bf16 on CUDA; an entry's MFU divides by the median of its own peak measurements (on a
+shared CPU the available peak changes by several times within minutes), and ``mfu_vs_best_peak`` by the run's best.
+Where ``--loop-shapes`` names a shape, the loop also runs with its real data path (generated shards ->
+``DataPipeline`` -> ``train_step``, the body of ``franca.train.loop.train``) and reports the share of the iteration
+spent waiting for ``next_batch``.
 
-    python benchmarks/bench_mfu.py --threads 2 --shapes tiny small vitb14 vitl14 --batch small=4 vitb14=2 vitl14=2
+    python benchmarks/bench_mfu.py --threads 2 --shapes tiny small vitb14 vitl14 \
+        --batch tiny=32 small=4 vitb14=2 vitl14=2
 
 Writes ``benchmarks/results/mfu-<device kind>-<date>.json`` (``--out`` to override); ``franca plan`` reads these.
 Batch sizes are per device and reduced from the paper's on small machines (stated in every entry).
@@ -134,21 +137,24 @@ def _setup(cfg: dict, device: torch.device):
     return model, optimizer, build_schedules(cfg), autocast
 
 
-def time_steps(cfg: dict, device: torch.device, steps: int, warmup: int) -> list[float]:
-    """Seconds of each timed train_step on pre-collated batches (``warmup`` untimed steps first)."""
+def time_steps(cfg: dict, device: torch.device, steps: int, warmup: int, peak) -> tuple[list[float], list[float]]:
+    """Seconds of each timed train_step on pre-collated batches (``warmup`` untimed steps first), and the matmul peak
+    ``peak()`` measured right before every timed step and after the last (the steps' own machine conditions)."""
     from franca.train.loop import train_step
 
     model, optimizer, schedules, autocast = _setup(cfg, device)
     batches = [random_batch(cfg, i, device) for i in range(min(steps + warmup, 3))]
     clip = cfg["optim"]["clip_grad"]
-    times = []
+    times, peaks = [], []
     for it in range(steps + warmup):
+        if it >= warmup:
+            peaks.append(peak())
         _sync(device)
         start = time.perf_counter()
         train_step(model, batches[it % len(batches)], optimizer, None, schedules.at(it), clip, autocast, it)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times[warmup:]
+    return times[warmup:], peaks + [peak()]
 
 
 def time_loop(cfg: dict, device: torch.device, steps: int, warmup: int, workers: int) -> dict:
@@ -209,8 +215,8 @@ def run_shape(name: str, args, device: torch.device, peaks: list[float]) -> dict
     cfg = shape_config(name, batch, device)
     b = int(cfg["train"]["batch_size_per_gpu"])
     step_flops = flops.training_step_flops(cfg, batch_per_gpu=b, world_size=1)
-    times = time_steps(cfg, device, args.steps, args.warmup)
-    peaks.append(matmul_peak(device, args.peak_n))
+    times, local_peaks = time_steps(cfg, device, args.steps, args.warmup, lambda: matmul_peak(device, args.peak_n))
+    peaks += local_peaks
     median = statistics.median(times)
     entry = {
         "name": name,
@@ -229,6 +235,8 @@ def run_shape(name: str, args, device: torch.device, peaks: list[float]) -> dict
         "matmul_flops_per_step": step_flops.matmul_per_gpu,
         "achieved_flops_per_s": step_flops.per_gpu / median,
         "images_per_s": b / median,
+        "peak_measurements": local_peaks,
+        "peak_flops_per_s": statistics.median(local_peaks),
     }  # fmt: skip
     if name in args.loop_shapes:
         entry["loop"] = time_loop(cfg, device, args.steps, args.warmup, args.workers)
@@ -258,11 +266,13 @@ def main(argv: list[str] | None = None) -> dict:
     peaks = [matmul_peak(device, args.peak_n)]
     entries = [run_shape(name, args, device, peaks) for name in args.shapes]
     peak = max(peaks)
-    for e in entries:
-        e["mfu"] = e["achieved_flops_per_s"] / peak
-        e["mfu_matmul_only"] = e["matmul_flops_per_step"] / e["step_s_median"] / peak
+    for e in entries:  # mfu: against the median peak measured around the entry's own steps
+        local = e["peak_flops_per_s"]
+        e["mfu"] = e["achieved_flops_per_s"] / local
+        e["mfu_matmul_only"] = e["matmul_flops_per_step"] / e["step_s_median"] / local
+        e["mfu_vs_best_peak"] = e["achieved_flops_per_s"] / peak
         if "loop" in e:
-            e["loop"]["mfu"] = e["loop"]["achieved_flops_per_s"] / peak
+            e["loop"]["mfu"] = e["loop"]["achieved_flops_per_s"] / local
     now = dt.datetime.now(dt.UTC)
     kind = device_kind(device)
     result = {
@@ -275,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
         "date": now.isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_mfu.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "peak_method": f"{'bf16' if device.type == 'cuda' else 'fp32'} {args.peak_n}x{args.peak_n} matmul, best of "
-        "5, measured before the first and after every shape; peak = max",
+        "5, measured before every timed step and after the last; an entry's mfu uses the median of its own "
+        "measurements (same machine conditions as its steps, which matters on a shared CPU), mfu_vs_best_peak the "
+        "best of the run",
         "peak_flops_per_s": peak,
         "peak_measurements": peaks,
         "flops_source": "franca.flops.training_step_flops(cfg).per_gpu (franca plan's count)",
