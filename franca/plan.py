@@ -24,6 +24,7 @@ recorded MFU results).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -125,18 +126,30 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+@functools.lru_cache(maxsize=64)
+def _load_result(path: str, mtime_ns: int) -> dict:
+    """One parsed result file (cached per modification time: rule_resources runs once per rule of the DAG)."""
+    try:
+        result = json.loads(Path(path).read_text())
+        missing = {"entries", "device_kind", "date"} - set(result)
+        missing |= {f"entries[].{k}" for e in result.get("entries", []) for k in ("name", "shape") if k not in e}
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a bench_mfu result ({type(exc).__name__}: {exc})") from exc
+    return result
+
+
 def recorded_mfu(directory: str | Path, device_kind: str, shape: Mapping) -> tuple[Path, dict, dict] | None:
     """(file, entry, result) of the newest ``bench_mfu`` entry of ``shape`` on ``device_kind`` in ``directory``."""
     found = []
     for path in sorted(Path(directory).glob("mfu-*.json")):
-        try:
-            result = json.loads(path.read_text())
-            entries = [e for e in result["entries"] if e["shape"] == dict(shape)]
-            kind, date = result["device_kind"], result["date"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a bench_mfu result ({type(exc).__name__}: {exc})") from exc
-        if kind == device_kind:
-            found += [(date, path, e, result) for e in entries if float(e.get("achieved_flops_per_s", 0)) > 0]
+        result = _load_result(str(path), path.stat().st_mtime_ns)
+        if result["device_kind"] != device_kind:
+            continue
+        for e in result["entries"]:
+            if e["shape"] == dict(shape) and float(e.get("achieved_flops_per_s", 0)) > 0:
+                found.append((result["date"], path, e, result))
     if not found:
         return None
     _, path, entry, result = max(found, key=lambda f: (f[0], str(f[1])))
