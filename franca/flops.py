@@ -39,6 +39,7 @@ __all__ = [
     "heads_from_config",
     "mask_upperbound",
     "model_params",
+    "step_shape_key",
     "training_step_flops",
 ]
 
@@ -340,3 +341,19 @@ def model_params(cfg: Mapping) -> dict[str, int]:
     out["ibot_head"] = 0 if ibot_head is dino_head else head_params(ibot_head)
     out["total"] = sum(out.values())
     return out
+
+
+def step_shape_key(cfg: Mapping) -> dict:
+    """What fixes a step's cost per image (backbone sizes and crops): the key measured MFU results are matched on
+    (``benchmarks/bench_mfu.py`` writes it, ``franca plan`` looks it up)."""
+    s = ViTShape.from_config(_get(cfg, "model", required=True))
+    return {
+        "embed_dim": s.embed_dim,
+        "depth": s.depth,
+        "num_heads": s.num_heads,
+        "patch_size": s.patch_size,
+        "ffn_layer": s.ffn_layer,
+        "global_crops_size": int(_get(cfg, "crops.global_crops_size", required=True)),
+        "local_crops_size": int(_get(cfg, "crops.local_crops_size", 96)),
+        "local_crops_number": int(_get(cfg, "crops.local_crops_number", 8)),
+    }

@@ -3,9 +3,13 @@
 ``plan(preset, experiments, overrides)`` composes the Hydra config of each experiment (``franca.config``), walks the
 stages of the workflow (fetch/shard per dataset, dedup, pretrain stages, highres, rasa, eval) and returns a
 ``Plan`` of rows. Training FLOPs come from ``franca.flops`` (analytic, per step, spec 2.6); GPU-hours are
-total FLOPs / (peak dense bf16/fp16 FLOP/s x utilisation). The utilisation (MFU, default 0.4) and the GPU type
-(default H100 SXM) are stated in every plan. Evaluation and RASA cost only their frozen-backbone forward passes
-(feature extraction), which is small next to pretraining.
+total FLOPs / (peak dense bf16/fp16 FLOP/s x utilisation). The GPU type defaults to H100 SXM. The utilisation
+(MFU) of a training row is, in this order: ``cluster.mfu`` / ``--mfu`` when given; else the measured rate of a
+recorded ``benchmarks/bench_mfu.py`` result (``benchmarks/results/mfu-*.json``, the newest entry of the same step
+shape on the same device kind: the GPU type, or ``cpu`` for a CPU run); else the stated default (0.4 of the peak on
+GPUs, 30 GFLOP/s on the CPU). Every training row names its source (``MFU source`` lines of the table).
+Evaluation and RASA cost only their frozen-backbone forward passes (feature extraction), which is small next to
+pretraining.
 
 Per-rule SLURM resources (``rule_resources``) come from the same numbers: one job asks for
 ``ceil(world_size / gpus_per_node)`` nodes and a runtime of the estimated time (with a margin), capped at the job
@@ -13,17 +17,21 @@ time limit (20 h on the Franca cluster, spec 4); longer trainings are resubmitte
 their rolling checkpoint, so a row's ``jobs`` is the number of submissions it needs.
 
 Optional config section ``cluster`` (any key may be absent): gpu_type, mfu, cpus_per_gpu, mem_mb_per_gpu,
-job_time_limit_min, runtime_margin, cpu_flops (the achieved rate of a CPU-only run).
+job_time_limit_min, runtime_margin, cpu_flops (the achieved rate of a CPU-only run), mfu_results (the directory of
+recorded MFU results).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from franca import flops
 from franca.config import compose, launch_shape, stage_config, used_datasets
@@ -32,26 +40,33 @@ __all__ = [
     "GPU_PEAK_FLOPS",
     "Plan",
     "PlanRow",
+    "Utilisation",
     "cluster_settings",
     "dataset_storage",
     "format_plan",
     "main",
     "plan",
+    "recorded_mfu",
     "rule_resources",
+    "utilisation",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak, FLOP/s, from the vendors' data sheets.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MFU = 0.4  # of the dense peak, used for a GPU row only when no recorded result matches
+DEFAULT_CPU_FLOPS = 30e9  # achieved rate on the 2-core development machine (spec 10), likewise
 CLUSTER_DEFAULTS = {
     "gpu_type": "H100",
-    "mfu": 0.4,
+    "mfu": None,  # None: the recorded result of the row's shape on the GPU type, else DEFAULT_MFU
     "cpus_per_gpu": 12,  # Franca's sbatch headers: 4 GPUs and 12 CPUs per task, one task per GPU (spec 4)
     "mem_mb_per_gpu": 100_000,
     "job_time_limit_min": 20 * 60,  # the Franca cluster's 20 h limit (spec 4)
     "runtime_margin": 1.25,
-    "cpu_flops": 30e9,  # achieved forward rate on the 2-core development machine (spec 10)
+    "cpu_flops": None,  # None: the recorded result of the row's shape on the CPU, else DEFAULT_CPU_FLOPS
+    "mfu_results": str(REPO_ROOT / "benchmarks" / "results"),
 }
 # Light CPU jobs: (cpus_per_task, mem_mb, runtime in minutes) at paper scale and on the tiny preset.
 CPU_STAGES = {
@@ -83,7 +98,7 @@ def cluster_settings(cfg: Mapping, **overrides) -> dict:
     out.update({k: v for k, v in overrides.items() if v is not None})
     if out["gpu_type"] not in GPU_PEAK_FLOPS:
         raise ValueError(f"cluster.gpu_type must be one of {sorted(GPU_PEAK_FLOPS)}, got {out['gpu_type']!r}")
-    if not 0 < float(out["mfu"]) <= 1:
+    if out["mfu"] is not None and not 0 < float(out["mfu"]) <= 1:
         raise ValueError(f"cluster.mfu must be in (0, 1], got {out['mfu']}")
     return out
 
@@ -95,12 +110,85 @@ def _gpus(stage_cfg: Mapping) -> tuple[int, int]:
     return (nodes, per_node) if gpus > 0 else (1, 0)
 
 
+@dataclass(frozen=True)
+class Utilisation:
+    """Achieved FLOP/s of one device for a training row, and where the figure comes from."""
+
+    rate: float  # FLOP/s per device (GPU) or of the CPU run
+    mfu: float | None  # fraction of GPU_PEAK_FLOPS (GPU rows); None on the CPU
+    source: str
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_result(path: str, mtime_ns: int) -> dict:
+    """One parsed result file (cached per modification time: rule_resources runs once per rule of the DAG)."""
+    try:
+        result = json.loads(Path(path).read_text())
+        missing = {"entries", "device_kind", "date"} - set(result)
+        missing |= {f"entries[].{k}" for e in result.get("entries", []) for k in ("name", "shape") if k not in e}
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a bench_mfu result ({type(exc).__name__}: {exc})") from exc
+    return result
+
+
+def recorded_mfu(directory: str | Path, device_kind: str, shape: Mapping) -> tuple[Path, dict, dict] | None:
+    """(file, entry, result) of the newest ``bench_mfu`` entry of ``shape`` on ``device_kind`` in ``directory``."""
+    found = []
+    for path in sorted(Path(directory).glob("mfu-*.json")):
+        result = _load_result(str(path), path.stat().st_mtime_ns)
+        if result["device_kind"] != device_kind:
+            continue
+        for e in result["entries"]:
+            if e["shape"] == dict(shape) and float(e.get("achieved_flops_per_s", 0)) > 0:
+                found.append((result["date"], path, e, result))
+    if not found:
+        return None
+    _, path, entry, result = max(found, key=lambda f: (f[0], str(f[1])))
+    return path, entry, result
+
+
+def utilisation(stage_cfg: Mapping, cluster: Mapping) -> Utilisation:
+    """The explicit setting, else the recorded result of this shape and device kind, else the stated default."""
+    gpu = _gpus(stage_cfg)[1] > 0
+    gpu_type = cluster["gpu_type"]
+    peak = GPU_PEAK_FLOPS[gpu_type]
+    if gpu and cluster.get("mfu") is not None:
+        return Utilisation(peak * float(cluster["mfu"]), float(cluster["mfu"]), "set by cluster.mfu / --mfu")
+    if not gpu and cluster.get("cpu_flops") is not None:
+        return Utilisation(float(cluster["cpu_flops"]), None, "set by cluster.cpu_flops")
+    kind = gpu_type if gpu else "cpu"
+    directory = Path(cluster.get("mfu_results") or CLUSTER_DEFAULTS["mfu_results"])
+    found = recorded_mfu(directory, kind, flops.step_shape_key(stage_cfg))
+    if found is None:
+        what = f"no recorded result for this shape on {kind} in {_display(directory)}"
+        if gpu:
+            return Utilisation(peak * DEFAULT_MFU, DEFAULT_MFU, f"default {DEFAULT_MFU:.0%} ({what})")
+        return Utilisation(DEFAULT_CPU_FLOPS, None, f"default {_si(DEFAULT_CPU_FLOPS, 'FLOP/s')} ({what})")
+    path, entry, result = found
+    rate = float(entry["achieved_flops_per_s"])
+    where = f"{_display(path)} entry {entry['name']!r} (batch {entry['batch_per_device']}, {result['date']}"
+    if gpu:
+        measured = f"{entry['mfu']:.1%} of measured matmul peak"
+        return Utilisation(rate, rate / peak, f"{where}, {result['device']}, {measured})")
+    return Utilisation(rate, None, f"{where}, {result['threads']} threads, {result['cpu_model']})")
+
+
 def _train_hours(stage_cfg: Mapping, cluster: Mapping) -> tuple[float, float, int]:
     """(FLOPs per step, total FLOPs, wall-clock hours) of a training stage on its configured devices."""
     step = flops.training_step_flops(stage_cfg)
     steps = int(stage_cfg["optim"]["iterations"])
     nodes, per_node = _gpus(stage_cfg)
-    rate = nodes * per_node * GPU_PEAK_FLOPS[cluster["gpu_type"]] * cluster["mfu"] if per_node else cluster["cpu_flops"]
+    util = utilisation(stage_cfg, cluster)
+    rate = nodes * per_node * util.rate if per_node else util.rate
     return step.total, step.total * steps, step.total * steps / rate / 3600
 
 
@@ -179,13 +267,14 @@ class PlanRow:
     gpu_hours: float = 0.0  # 0 for CPU rows
     hours: float = 0.0  # wall-clock of the whole row
     storage_bytes: float = 0.0
+    utilisation: Utilisation | None = None  # training rows: the rate used and its source
 
 
 @dataclass
 class Plan:
     preset: str
     gpu_type: str
-    mfu: float
+    mfu: float | None  # the explicit --mfu / cluster.mfu, else None (per row: recorded result or DEFAULT_MFU)
     rows: list[PlanRow] = field(default_factory=list)
 
     @property
@@ -217,6 +306,7 @@ def _train_row(cfg: Mapping, stage: str, index: int, exp: str, seed: int, cluste
     row = PlanRow(stage, exp, seed, name, jobs, nodes, per_node, res["runtime"], int(sc["optim"]["iterations"]))
     row.flops_per_step, row.total_flops = per_step, total
     row.gpu_hours, row.hours, row.storage_bytes = hours * nodes * per_node, hours, storage
+    row.utilisation = utilisation(sc, cluster)
     return row
 
 
@@ -226,7 +316,10 @@ def _forward_row(rule: str, cfg: Mapping, exp: str, seed: int, images: float, si
     size -= size % shape.patch_size
     total = flops.backbone_forward_flops(shape, size, 1) * images
     res = rule_resources(cfg, rule)
-    rate = GPU_PEAK_FLOPS[cluster["gpu_type"]] * cluster["mfu"] if res["gpus_per_node"] else cluster["cpu_flops"]
+    if res["gpus_per_node"]:
+        rate = GPU_PEAK_FLOPS[cluster["gpu_type"]] * (cluster["mfu"] or DEFAULT_MFU)
+    else:
+        rate = cluster["cpu_flops"] or DEFAULT_CPU_FLOPS
     hours = total / rate / 3600
     row = PlanRow(rule, exp, seed, rule, 1, 1, res["gpus_per_node"], res["runtime"], total_flops=total, hours=hours)
     row.gpu_hours = hours * res["gpus_per_node"]
@@ -264,7 +357,7 @@ def plan(
         raise ValueError("plan: no experiments given")
     first = compose(preset, next(iter(experiments)), 0, tuple(overrides))
     cluster = cluster_settings(first, **cluster_overrides)
-    out = Plan(preset, cluster["gpu_type"], float(cluster["mfu"]))
+    out = Plan(preset, cluster["gpu_type"], None if cluster["mfu"] is None else float(cluster["mfu"]))
     for name in used_datasets(first):
         n, size = dataset_storage(first, name)
         shards = math.ceil(n / int(first["data"]["datasets"][name].get("shard_size", 10_000)))
@@ -301,7 +394,7 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:.0f} {unit}".rstrip()
 
 
-HEADER = "rule|experiment|seed|stage|jobs|nodes x GPUs|runtime/job|steps|FLOPs/step|total FLOPs|GPU-h|storage"
+HEADER = "rule|experiment|seed|stage|jobs|nodes x GPUs|runtime/job|steps|FLOPs/step|total FLOPs|GPU-h|storage|MFU"
 
 
 def _cells(r: PlanRow, gpu_type: str) -> list[str]:
@@ -310,7 +403,9 @@ def _cells(r: PlanRow, gpu_type: str) -> list[str]:
     cells += [f"{r.runtime_min} min", str(r.steps or "")]
     values = [r.flops_per_step, r.total_flops, r.gpu_hours, r.storage_bytes]
     texts = [_si(r.flops_per_step), _si(r.total_flops), f"{r.gpu_hours:,.1f}", _si(r.storage_bytes, "B")]
-    return cells + [text if value else "" for text, value in zip(texts, values, strict=True)]
+    cells += [text if value else "" for text, value in zip(texts, values, strict=True)]
+    u = r.utilisation
+    return cells + ["" if u is None else f"{u.mfu:.1%}" if u.mfu is not None else _si(u.rate, "FLOP/s")]
 
 
 def format_plan(p: Plan) -> str:
@@ -318,14 +413,21 @@ def format_plan(p: Plan) -> str:
     t = p.totals
     rows = [_cells(r, p.gpu_type) for r in p.rows]
     total = ["total"] + [""] * 3 + [str(t["jobs"])] + [""] * 4
-    rows.append(total + [_si(t["total_flops"]), f"{t['gpu_hours']:,.1f}", _si(t["storage_bytes"], "B")])
+    rows.append(total + [_si(t["total_flops"]), f"{t['gpu_hours']:,.1f}", _si(t["storage_bytes"], "B"), ""])
     head = HEADER.replace("GPU-h", f"{p.gpu_type}-h").split("|")
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     peak = GPU_PEAK_FLOPS[p.gpu_type] / 1e12
-    text = [f"plan for preset {p.preset}: {p.gpu_type} at {p.mfu:.0%} of the dense bf16/fp16 peak ({peak:.0f} TFLOP/s)"]
+    head_line = f"plan for preset {p.preset}: {p.gpu_type} at {p.mfu or DEFAULT_MFU:.0%} of the dense bf16/fp16 peak"
+    text = [f"{head_line} ({peak:.0f} TFLOP/s)"]
+    if p.mfu is None:
+        text[0] += " where no measured MFU of a row's shape is recorded (MFU column and sources)"
     text += [fmt.format(*head), fmt.format(*["-" * w for w in widths])]
     text += [fmt.format(*row) for row in rows]
+    for r in p.rows:
+        if r.utilisation is not None:
+            seed = "" if r.seed is None else f" seed {r.seed}"
+            text.append(f"MFU source: {r.rule} {r.experiment}{seed} {r.stage}: {r.utilisation.source}")
     text.append(f"storage: shards {_si(t['shard_bytes'], 'B')}, checkpoints {_si(t['checkpoint_bytes'], 'B')}")
     return "\n".join(text)
 
@@ -336,12 +438,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--override", action="append", default=[], help="Hydra override (repeatable)")
     parser.add_argument("--gpu-type", choices=sorted(GPU_PEAK_FLOPS))
-    parser.add_argument("--mfu", type=float, help="model FLOP utilisation, fraction of the peak (default 0.4)")
+    parser.add_argument(
+        "--mfu",
+        type=float,
+        help=f"model FLOP utilisation, fraction of the peak (default: recorded, else {DEFAULT_MFU})",
+    )
+    parser.add_argument("--mfu-results", help="directory of bench_mfu results (default benchmarks/results)")
 
 
 def run(args: argparse.Namespace) -> int:
     exps = {name: {"seeds": args.seeds} for name in args.experiments}
-    p = plan(args.preset, exps, args.override, gpu_type=args.gpu_type, mfu=args.mfu)
+    p = plan(args.preset, exps, args.override, gpu_type=args.gpu_type, mfu=args.mfu, mfu_results=args.mfu_results)
     sys.stdout.write(format_plan(p) + "\n")
     return 0
 

@@ -80,10 +80,26 @@ def run_option(cfg: Mapping, key: str):
 class DataPipeline:
     """Batches of one rank: ShardStream -> augmentation -> masks and collation (docs/interfaces.md batch dict)."""
 
-    def __init__(self, cfg: Mapping, shards, kept_keys, seed: int, rank: int, world_size: int, start_sample: int):
+    def __init__(
+        self, cfg: Mapping, shards, kept_keys, seed: int, rank: int, world_size: int, start_sample: int, device=None
+    ):
         self.batch_size = int(cfg_get(cfg, "train.batch_size_per_gpu"))
         self.num_workers = int(run_option(cfg, "num_workers"))
-        self.augment = DataAugmentationDINO.from_config(cfg_get(cfg, "crops"))
+        # crops.augment_device: "pil" (per sample, in the stream or its workers) or "tensor" (franca.data.gpu_augment:
+        # the batch at once on ``device``, here, after the stream has turned each image into a uint8 tensor)
+        self.augment_device = str(cfg_get(cfg, "crops.augment_device", "pil"))
+        if self.augment_device not in ("pil", "tensor"):
+            raise ValueError(f"config key crops.augment_device must be pil|tensor, got {self.augment_device!r}")
+        if device is None:  # the training device of init_distributed (run.device auto|cpu|cuda; set_device done)
+            use_cuda = torch.cuda.is_available() and run_option(cfg, "device") != "cpu"
+            device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        self.device = torch.device(device)
+        if self.augment_device == "tensor":
+            from franca.data.gpu_augment import TensorAugmentationDINO
+
+            self.augment = TensorAugmentationDINO.from_config(cfg_get(cfg, "crops"))
+        else:
+            self.augment = DataAugmentationDINO.from_config(cfg_get(cfg, "crops"))
         patch = int(cfg_get(cfg, "model.patch_size"))
         grid = int(cfg_get(cfg, "crops.global_crops_size")) // patch
         self.n_tokens = grid * grid
@@ -94,6 +110,8 @@ class DataPipeline:
             "mask_np": np.random.default_rng(rank_seed),
             "collate": random.Random(rank_seed + 7919),
         }
+        if self.augment_device == "tensor":
+            self.generators["augment"] = torch.Generator().manual_seed(rank_seed + 104_729)
         masking = dict(cfg_get(cfg, "masking"))
         self.mask_generator = MaskingGenerator(
             (grid, grid), rng=self.generators["mask"], np_rng=self.generators["mask_np"], **masking
@@ -108,7 +126,7 @@ class DataPipeline:
             rank=rank,
             world_size=world_size,
             start_sample=start_sample,
-            transform=self._augment,
+            transform=self._augment if self.augment_device == "pil" else self._as_tensor,
             worker_batch_size=self.batch_size,
         )
         self._batches = 0
@@ -118,7 +136,8 @@ class DataPipeline:
                 self.stream,
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
-                collate_fn=stack_crops,  # masks are drawn here, in the main process, from the checkpointed RNGs
+                # masks are drawn here, in the main process, from the checkpointed RNGs (and the tensor path's crops)
+                collate_fn=stack_crops if self.augment_device == "pil" else list,
                 generator=gen,
                 persistent_workers=True,
             )
@@ -128,6 +147,11 @@ class DataPipeline:
 
     def _augment(self, sample: Mapping) -> tuple[dict, int | None]:
         return self.augment(sample["image"]), sample["label"]
+
+    @staticmethod
+    def _as_tensor(sample: Mapping) -> tuple[torch.Tensor, int | None]:
+        """(3, H, W) uint8 of the decoded RGB image: the tensor path's input."""
+        return torch.from_numpy(np.array(sample["image"], dtype=np.uint8)).permute(2, 0, 1), sample["label"]
 
     @property
     def position(self) -> int:
@@ -150,6 +174,9 @@ class DataPipeline:
         else:
             samples = [next(self._iter) for _ in range(self.batch_size)]
         self._batches += 1
+        if self.augment_device == "tensor":
+            images = [image.to(self.device, non_blocking=True) for image, _ in samples]
+            samples = self.augment(images, self.generators["augment"])  # stacked crop-major, as stack_crops
         return collate_data_and_cast(
             samples,
             mask_ratio_tuple=self.mask_ratio,
