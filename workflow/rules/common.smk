@@ -19,7 +19,7 @@ os.environ.setdefault("FRANCA_MLFLOW_EXPERIMENT", config.get("mlflow_experiment"
 RUNS = [(exp, seed) for exp, spec in EXPERIMENTS.items() for seed in spec["seeds"]]
 # a bad key stops the run here; an experiment's own `overrides` apply after the global ones
 CFG = {
-    (e, s): fc.compose_validated(PRESET, e, s, OVERRIDES + tuple(EXPERIMENTS[e].get("overrides", [])), CONFIGS + "/composed")
+    (e, s): fc.compose_validated(PRESET, e, s, OVERRIDES + tuple(EXPERIMENTS[e].get("overrides", [])), Path(CONFIGS, "composed"))
     for e, s in RUNS
 }
 
@@ -124,9 +124,9 @@ def dedup_dir(w):
     return f"data/dedup/{fc.dedup_dataset(cfg(w.exp, w.seed))}"
 
 
-def tags(w):
-    """`--tag <wildcard>=<value> ...`: the job's MLflow tags besides `--tag rule={rule}`."""
-    return " ".join(f"--tag {k}={v}" for k, v in dict(w).items())
+def tags(rule):
+    """`--tag rule=<rule> --tag <wildcard>=<value> ...`: the job's MLflow tags."""
+    return lambda w: " ".join([f"--tag rule={rule}", *(f"--tag {k}={v}" for k, v in dict(w).items())])
 
 
 def workflow_onstart():

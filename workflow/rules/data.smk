@@ -7,7 +7,7 @@ rule fetch:
     output:
         directory("data/{dataset}/raw"),
     params:
-        tags=tags,
+        tags=tags("fetch"),
     threads: threads_of("fetch")
     resources:
         **resources_of("fetch"),
@@ -17,7 +17,7 @@ rule fetch:
         "logs/fetch/{dataset}.log",
     shell:
         "franca data fetch --config {input.config} --dataset {wildcards.dataset} --out {output} --threads {threads} "
-        "--tag rule={rule} {params.tags} 2> {log}"
+        "{params.tags} 2> {log}"
 
 
 rule shard:
@@ -28,7 +28,7 @@ rule shard:
         shards=directory("data/{dataset}/shards"),
         manifest="data/{dataset}/manifest.parquet",
     params:
-        tags=tags,
+        tags=tags("shard"),
     threads: threads_of("shard")
     resources:
         **resources_of("shard"),
@@ -38,7 +38,7 @@ rule shard:
         "logs/shard/{dataset}.log",
     shell:
         "franca data shard --config {input.config} --dataset {wildcards.dataset} --raw {input.raw} "
-        "--out data/{wildcards.dataset} --workers {threads} --threads {threads} --tag rule={rule} {params.tags} 2> {log}"
+        "--out data/{wildcards.dataset} --workers {threads} --threads {threads} {params.tags} 2> {log}"
 
 
 rule dedup:
@@ -50,7 +50,7 @@ rule dedup:
         card="data/dedup/{dataset}/datacard.md",
     params:
         manifests=lambda w, input: " ".join(f"--manifest {p.split('/')[1]}={p}" for p in input.manifests),
-        tags=tags,
+        tags=tags("dedup"),
     threads: threads_of("dedup")
     resources:
         **resources_of("dedup"),
@@ -60,4 +60,4 @@ rule dedup:
         "logs/dedup/{dataset}.log",
     shell:
         "franca data dedup --config {input.config} {params.manifests} --out data/dedup/{wildcards.dataset} "
-        "--threads {threads} --tag rule={rule} {params.tags} 2> {log}"
+        "--threads {threads} {params.tags} 2> {log}"

@@ -19,7 +19,7 @@ for _i, (_benches, _exps) in enumerate(EVAL_GROUPS):
         params:
             benches=" ".join(_benches),
             out=lambda w, output: os.path.dirname(output[0]),
-            tags=tags,
+            tags=tags(f"evaluate{_suffix}"),
         wildcard_constraints:
             exp="|".join(_exps),
             seed=r"\d+",
@@ -33,7 +33,7 @@ for _i, (_benches, _exps) in enumerate(EVAL_GROUPS):
             "logs/eval/{exp}/s{seed}/{ckpt}.log",
         shell:
             "franca eval {params.benches} --config {input.config} --features {input.features} "
-            "--out-dir {params.out} --threads {threads} --tag rule={rule} {params.tags} 2> {log}"
+            "--out-dir {params.out} --threads {threads} {params.tags} 2> {log}"
 
     rule:
         name:
@@ -47,7 +47,7 @@ for _i, (_benches, _exps) in enumerate(EVAL_GROUPS):
         params:
             benches=" ".join(_dense),
             out=lambda w, output: os.path.dirname(output[0]),
-            tags=tags,
+            tags=tags(f"evaluate_rasa{_suffix}"),
         wildcard_constraints:
             exp="|".join(_exps),
             seed=r"\d+",
@@ -61,5 +61,5 @@ for _i, (_benches, _exps) in enumerate(EVAL_GROUPS):
             "logs/eval/{exp}/s{seed}/{ckpt}.rasa.log",
         shell:
             "franca eval {params.benches} --config {input.config} --features {input.features} "
-            "--rasa-head {input.head} --out-dir {params.out} --threads {threads} --tag rule={rule} {params.tags} "
+            "--rasa-head {input.head} --out-dir {params.out} --threads {threads} {params.tags} "
             "2> {log}"

@@ -9,7 +9,7 @@ rule highres_resize:
     output:
         "results/highres/{exp}/s{seed}/init/teacher_resized.pt",
     params:
-        tags=tags,
+        tags=tags("highres_resize"),
     wildcard_constraints:
         seed=r"\d+",
     conda:
@@ -18,7 +18,7 @@ rule highres_resize:
         "logs/highres/{exp}/s{seed}.resize.log",
     shell:
         "franca resize-pos-embed --config {input.config} --init {input.ckpt} --out {output} --threads {threads} "
-        "--tag rule={rule} {params.tags} 2> {log}"
+        "{params.tags} 2> {log}"
 
 
 rule highres:
@@ -32,7 +32,7 @@ rule highres:
         kept=optional("kept", "kept"),
         launch=train_launcher("highres"),
         out=lambda w, output: os.path.dirname(output.ckpt),
-        tags=tags,
+        tags=tags("highres"),
     wildcard_constraints:
         seed=r"\d+",
     threads: threads_of("highres")
@@ -44,5 +44,5 @@ rule highres:
         "logs/highres/{exp}/s{seed}.log",
     shell:
         "{params.launch} highres --config {input.config} --run-config {params.run} --shards {input.shards} "
-        "{params.kept} --init {input.init} --out {params.out} --threads {threads} --tag rule={rule} {params.tags} "
+        "{params.kept} --init {input.init} --out {params.out} --threads {threads} {params.tags} "
         "2> {log}"

@@ -14,7 +14,7 @@ rule pretrain:
         kept=optional("kept", "kept"),
         launch=train_launcher("pretrain"),
         out=lambda w, output: os.path.dirname(output.ckpt),
-        tags=tags,
+        tags=tags("pretrain"),
     wildcard_constraints:
         stage=r"\d+",
         seed=r"\d+",
@@ -27,4 +27,4 @@ rule pretrain:
         "logs/pretrain/{exp}/s{seed}/stage{stage}.log",
     shell:
         "{params.launch} pretrain --config {input.config} --run-config {params.run} --shards {input.shards} "
-        "{params.kept} {params.init} --out {params.out} --threads {threads} --tag rule={rule} {params.tags} 2> {log}"
+        "{params.kept} {params.init} --out {params.out} --threads {threads} {params.tags} 2> {log}"

@@ -13,7 +13,7 @@ rule features:
     params:
         shards=shards_args,
         out=lambda w, output: os.path.dirname(output.features),
-        tags=tags,
+        tags=tags("features"),
     wildcard_constraints:
         seed=r"\d+",
         ckpt="pretrain|highres",
@@ -26,7 +26,7 @@ rule features:
         "logs/features/{exp}/s{seed}/{ckpt}.log",
     shell:
         "franca features --config {input.config} --checkpoint {input.ckpt} {params.shards} --out {params.out} "
-        "--threads {threads} --tag rule={rule} {params.tags} 2> {log}"
+        "--threads {threads} {params.tags} 2> {log}"
 
 
 rule rasa:
@@ -39,7 +39,7 @@ rule rasa:
         report="results/rasa/{exp}/s{seed}/{ckpt}/report.json",
     params:
         out=lambda w, output: os.path.dirname(output.head),
-        tags=tags,
+        tags=tags("rasa"),
     wildcard_constraints:
         seed=r"\d+",
         ckpt="pretrain|highres",
@@ -52,4 +52,4 @@ rule rasa:
         "logs/rasa/{exp}/s{seed}/{ckpt}.log",
     shell:
         "franca rasa --config {input.config} --features {input.features} --checkpoint {input.ckpt} "
-        "--out {params.out} --threads {threads} --tag rule={rule} {params.tags} 2> {log}"
+        "--out {params.out} --threads {threads} {params.tags} 2> {log}"
