@@ -54,6 +54,18 @@ def _scale(value: Sequence[float], name: str) -> tuple[float, float]:
     return lo, hi
 
 
+def set_crop_settings(obj, global_crops_scale, local_crops_scale, local_crops_number, global_crops_size,
+                      local_crops_size) -> None:  # fmt: skip
+    """The validated multi-crop settings that the PIL and the tensor paths share, set on ``obj``."""
+    if int(local_crops_number) < 0:
+        raise ValueError(f"crops.local_crops_number must be >= 0, got {local_crops_number}")
+    obj.global_crops_scale = _scale(global_crops_scale, "global_crops_scale")
+    obj.local_crops_scale = _scale(local_crops_scale, "local_crops_scale")
+    obj.local_crops_number = int(local_crops_number)
+    obj.global_crops_size = int(global_crops_size)
+    obj.local_crops_size = int(local_crops_size)
+
+
 class DataAugmentationDINO:
     """Callable ``image -> {"global_crops": [g1, g2], "local_crops": [l_1, ..., l_n]}`` of ``(3, s, s)`` tensors."""
 
@@ -68,13 +80,8 @@ class DataAugmentationDINO:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
-        if int(local_crops_number) < 0:
-            raise ValueError(f"crops.local_crops_number must be >= 0, got {local_crops_number}")
-        self.global_crops_scale = _scale(global_crops_scale, "global_crops_scale")
-        self.local_crops_scale = _scale(local_crops_scale, "local_crops_scale")
-        self.local_crops_number = int(local_crops_number)
-        self.global_crops_size = int(global_crops_size)
-        self.local_crops_size = int(local_crops_size)
+        set_crop_settings(self, global_crops_scale, local_crops_scale, local_crops_number, global_crops_size,
+                          local_crops_size)  # fmt: skip
         self.blur_probs = blur_probs
         p_global1, p_global2, p_local = blur_apply_probs(blur_probs)
         logger.debug("blur apply probabilities (g1, g2, local) = %s (%s)", (p_global1, p_global2, p_local), blur_probs)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from franca.data.augmentations import _CFG_KEYS, _scale, blur_apply_probs
+from franca.data.augmentations import _CFG_KEYS, blur_apply_probs, set_crop_settings
 from franca.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
@@ -314,13 +314,8 @@ class TensorAugmentationDINO:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
-        if int(local_crops_number) < 0:
-            raise ValueError(f"crops.local_crops_number must be >= 0, got {local_crops_number}")
-        self.global_crops_scale = _scale(global_crops_scale, "global_crops_scale")
-        self.local_crops_scale = _scale(local_crops_scale, "local_crops_scale")
-        self.local_crops_number = int(local_crops_number)
-        self.global_crops_size = int(global_crops_size)
-        self.local_crops_size = int(local_crops_size)
+        set_crop_settings(self, global_crops_scale, local_crops_scale, local_crops_number, global_crops_size,
+                          local_crops_size)  # fmt: skip
         self.p_blur = blur_apply_probs(blur_probs)  # (global 1, global 2, locals)
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
 
