@@ -245,16 +245,8 @@ def ckpt_file(small_data):
     return ckpt
 
 
-def test_features_stage_takes_val_and_test_from_val_dataset(small_data, monkeypatch):
-    from franca.models.vision_transformer import build_backbone
-    from franca.train.checkpoint import FORMAT_TAG
-
-    torch.manual_seed(0)
-    model_cfg = fc.compose("tiny", "franca")["model"]
-    backbone = build_backbone(model_cfg)
-    ckpt = small_data["root"] / "ckpt.pt"
-    teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    torch.save({"format": FORMAT_TAG, "teacher": teacher, "config": {"model": model_cfg}}, ckpt)
+def test_features_stage_takes_val_and_test_from_val_dataset(small_data, monkeypatch, ckpt_file):
+    ckpt = ckpt_file
     monkeypatch.chdir(small_data["root"])
     monkeypatch.setenv("FRANCA_TRACKING", "off")
     config = job_configs(small_data["root"], small_data["overrides"])["franca/s0/features"]
