@@ -2,6 +2,7 @@
 # here when the DAG is built and only when its content changes: that file is the job's rerun trigger), its data as
 # {input}, its destination as {output} and its thread budget as {threads}. Each experiment's own config decides its
 # datasets, benchmarks and resources.
+import functools
 import os
 from pathlib import Path
 
@@ -64,9 +65,16 @@ def run_config(w):
 
 
 def _resources(stage, w):
-    full = cfg(w.exp, w.seed) if "exp" in w.keys() else cfg(*RUNS[0])
+    """One rule_resources call per job, however many resource keys and the threads ask for it."""
+    run = (w.exp, int(w.seed)) if "exp" in w.keys() else RUNS[0]
+    return _job_resources(stage, *run, int(w.get("stage", 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _job_resources(stage, exp, seed, index):
+    full = cfg(exp, seed)
     if stage in ("pretrain", "highres"):
-        return rule_resources(fc.stage_config(full, stage, int(w.get("stage", 1))), stage)
+        return rule_resources(fc.stage_config(full, stage, index), stage)
     return rule_resources(full, stage)
 
 
