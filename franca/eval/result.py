@@ -20,14 +20,21 @@ def _finite(value):
     return value
 
 
-def write_eval_json(path: str | Path, benchmark: str, checkpoint: str | Path, rasa: bool, result: Mapping) -> dict:
-    """Write ``{"benchmark", "checkpoint", "rasa", "metrics", "details"}`` (NaN -> null) and return it."""
+def write_eval_json(
+    path: str | Path, benchmark: str, checkpoint: str | Path, rasa: bool, result: Mapping, caps: Mapping | None = None
+) -> dict:
+    """Write ``{"benchmark", "checkpoint", "rasa", "metrics", "details", "caps"}`` (NaN -> null) and return it.
+
+    ``caps``: the evaluation-set caps that applied to the features (``{"applied": {"dataset:split": {"used",
+    "available"}}, "seed"}``, see ``franca.data.sampling``), so that the page can say when a number is on a sample.
+    """
     payload = {
         "benchmark": benchmark,
         "checkpoint": str(checkpoint),
         "rasa": bool(rasa),
         "metrics": {k: float(v) for k, v in result["metrics"].items()},
         "details": result.get("details", {}),
+        "caps": dict(caps or {"applied": {}}),
     }
     payload = _finite(payload)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -306,6 +306,26 @@ def _header(preset: str, specs: list, inputs: PaperInputs, sources: SourceIndex,
     return Header(f"Franca reproduction: {preset}", hdr.scope_of(preset), meta, datasets)
 
 
+def cap_footnote(caps_by_source: Mapping[str, Mapping]) -> str | None:
+    """One sentence naming every evaluation set that a cap sampled (``eval.max_*_images``), or None: a number on a
+    sample must say so next to its table."""
+    applied: dict[str, set[tuple[int, int]]] = {}
+    seeds = set()
+    for caps in caps_by_source.values():
+        for name, cap in (caps.get("applied") or {}).items():
+            applied.setdefault(name, set()).add((int(cap["used"]), int(cap["available"])))
+            seeds.add(caps.get("seed"))
+    if not applied:
+        return None
+    sets = "; ".join(
+        f"{name} {used:,} of {available:,} images"
+        for name in sorted(applied)
+        for used, available in sorted(applied[name])
+    )
+    seed = ", ".join(str(s) for s in sorted(seeds, key=str))
+    return f"Evaluated on capped sets (eval.max_*_images; a class-stratified sample, seed {seed}): {sets}."
+
+
 def _commits_text(commits: list[str]) -> str:
     if not commits:
         return "no recorded commit"
@@ -344,7 +364,8 @@ def build_paper(
 
         code = code_version()
 
-    lookup = EvalLookup(collect_evals(inputs.evals, sources))
+    evals = collect_evals(inputs.evals, sources)
+    lookup = EvalLookup(evals)
     reference = load_reference(reference_yaml)
     ref_key = sources.add(Path(reference_yaml)) if reference_yaml is not None else None
     rasa_frame = collect_rasa(inputs.rasa, sources)
@@ -354,6 +375,9 @@ def build_paper(
         rasa_table(specs, rasa_frame),
         reference_table(preset, reference, ref_key, specs, lookup, dense_dataset),
     ]
+    capped = cap_footnote(evals.attrs["caps"])
+    for table in tables[:2] if capped else []:  # the tables of this run's evaluations
+        table.footnotes.append(capped)
     for table in tables:
         atomic_write_text(out_dir / f"{table.name}.csv", to_frame(table).to_csv(index=False))
         atomic_write_text(out_dir / f"{table.name}.md", to_markdown(table))

@@ -255,9 +255,10 @@ def collect_evals(paths: Iterable[Path], sources: SourceIndex) -> pd.DataFrame:
 
     Columns: exp, seed, ckpt, benchmark, rasa, metric, value, source. One row per metric; ``details`` of each file
     are kept in ``frame.attrs["details"][source]`` (overclustering needs the number of classes), and
+    ``frame.attrs["caps"][source]`` the evaluation-set caps that applied to it, and
     ``frame.attrs["expected"]`` holds the (exp, seed, ckpt, benchmark, rasa) of every listed file, present or not.
     """
-    rows, details, expected = [], {}, set()
+    rows, details, caps, expected = [], {}, {}, set()
     for path in map(Path, paths):
         exp, seed, ckpt = run_of(path, "eval JSON")
         stem_rasa = path.stem.endswith("_rasa")
@@ -271,10 +272,12 @@ def collect_evals(paths: Iterable[Path], sources: SourceIndex) -> pd.DataFrame:
             raise PaperInputError(f"{path}: benchmark/rasa inside the file disagree with its name")
         key = sources.add(path)
         details[key] = data.get("details", {})
+        caps[key] = data.get("caps") or {}
         for metric, value in data["metrics"].items():
             rows.append((exp, seed, ckpt, bench, rasa, str(metric), float(value), key))
     frame = pd.DataFrame(rows, columns=["exp", "seed", "ckpt", "benchmark", "rasa", "metric", "value", "source"])
     frame.attrs["details"] = details
+    frame.attrs["caps"] = caps
     frame.attrs["expected"] = expected
     return frame
 

@@ -160,7 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
         bench_cfg = {"eval": {bench: sc["eval"][bench]}}
         with job("eval", args, bench_cfg, out, inputs, tags, record=f"{path.stem}.provenance.json") as current:
             result = evaluate(bench, feats, sc["eval"][bench], rasa_head=head)
-            write_eval_json(path, bench, feats["checkpoint"], head is not None, result)
+            write_eval_json(path, bench, feats["checkpoint"], head is not None, result, feats.get("caps"))
             current.outputs = [path]
             current.log_metrics(result["metrics"])
     return 0

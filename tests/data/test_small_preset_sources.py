@@ -8,6 +8,7 @@ tmp_path, with the `small` preset and overrides pointing its roots there.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -229,6 +230,11 @@ def test_capped_sets_keep_every_class(small_data, monkeypatch, ckpt_file):
     assert sorted(feats["linear"]["train"]["labels"].tolist()) == [0, 1, 2]
     assert sorted(feats["linear"]["val"]["labels"].tolist()) == [0, 2]
     assert feats["caps"]["applied"]["in_train:train"] == {"used": 3, "available": 6}
+    # the eval JSON carries the caps to the page (which prints them under its tables)
+    eval_config = job_configs(small_data["root"], [*small_data["overrides"], *caps])["franca/s0/eval"]
+    stage("eval", "knn", "--features", "capped/features.pt", "--out-dir", "capped/eval", config=eval_config)
+    result = json.loads((small_data["root"] / "capped" / "eval" / "knn.json").read_text())
+    assert result["caps"] == {"applied": feats["caps"]["applied"], "seed": 0}
 
 
 @pytest.fixture

@@ -438,3 +438,22 @@ def test_one_dedup_report_per_training_dataset(tmp_path):
     assert {"dedup_summary_synth.png", "dedup_summary_other.png"} <= names
     head = (tmp_path / "paper" / "index.html").read_text().split('id="table-main"')[0]
     assert "1,920 train" in head and "77 train" in head
+
+
+def test_page_says_when_a_cap_applied(tmp_path):
+    """Eval JSONs that carry applied caps (eval.max_*_images) give the main and ablation tables a footnote naming each
+    capped set with used / available counts; uncapped runs get none."""
+    results = write_fake_tree(tmp_path)
+    kwargs = {"experiments": EXPERIMENTS, "preset": "tiny", "reference_yaml": None, "root": tmp_path, "mask_draws": 50}
+    build_paper(fake_inputs(tmp_path), tmp_path / "plain", **kwargs)
+    assert "capped" not in (tmp_path / "plain" / "index.html").read_text()
+    caps = {"applied": {"synth:train": {"used": 400, "available": 1200}}, "seed": 7}
+    for path in results.glob("eval/*/s*/*/knn.json"):
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "caps": caps}))
+    build_paper(fake_inputs(tmp_path), tmp_path / "capped", **kwargs)
+    note = "class-stratified sample, seed 7): synth:train 400 of 1,200 images."
+    for table in ("main", "ablation"):
+        assert note in (tmp_path / "capped" / f"{table}.md").read_text()
+    assert escape(note) in (tmp_path / "capped" / "index.html").read_text()
+    assert note not in (tmp_path / "capped" / "rasa.md").read_text()
