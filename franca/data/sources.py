@@ -20,6 +20,7 @@ An id without mask (``missing_mask``), without image (``missing_image``), with a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -63,6 +64,7 @@ __all__ = [
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".gif": "gif"}
 IGNORE_INDEX = 255  # void / border pixels of a segmentation mask (VOC), skipped by every dense metric
 MAX_MEMBER_BYTES = 256 * 2**20  # decompressed size of one gzipped tar member (a gzip bomb ends as bad_gzip)
+MAX_FILE_BYTES = 64 * 2**20  # one image file of a folder (``max_bytes``): larger files are too_large rows, never read
 _STATUS_COLUMNS = ["key", "source", "status", "reason", "error_message", "bytes", "label", "class_name"]
 
 
@@ -158,9 +160,41 @@ def _write_range_shards(
     return summary
 
 
-def _read_file(item: dict[str, Any]) -> dict[str, bytes]:
-    path = Path(item["source"])
-    return {IMAGE_SUFFIXES[path.suffix.lower()]: path.read_bytes()}
+def _file_reader(max_bytes: int) -> Callable[[dict[str, Any]], dict[str, bytes]]:
+    def read(item: dict[str, Any]) -> dict[str, bytes]:
+        path = Path(item["source"])
+        size = path.stat().st_size
+        if size > max_bytes:  # checked before reading: a stray multi-GB file never enters memory
+            raise SourceItemError("too_large", f"{path}: {size} bytes > max_bytes {max_bytes}")
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since stat
+        if len(data) > max_bytes:
+            raise SourceItemError("too_large", f"{path}: more than max_bytes {max_bytes} bytes")
+        return {IMAGE_SUFFIXES[path.suffix.lower()]: data}
+
+    return read
+
+
+def holdout_split(
+    items: Sequence[dict[str, Any]], root: str | Path, fraction: float, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, held out): per class, the ``round(fraction * n)`` items (at least one, never all, for a class of two or
+    more) that rank first by sha256 of ``seed`` and the path relative to ``root``. The choice depends on each item's
+    own path only, so moving the tree or cutting it into ranges does not change it; both lists keep the sorted order.
+    """
+    rank = {}
+    for i, item in enumerate(items):
+        rel = Path(item["source"]).relative_to(root).as_posix()
+        rank[i] = hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
+    by_class: dict[Any, list[int]] = {}
+    for i, item in enumerate(items):
+        by_class.setdefault(item.get("label"), []).append(i)
+    held = set()
+    for members in by_class.values():
+        n = len(members)
+        k = 0 if n < 2 or fraction <= 0 else min(n - 1, max(1, round(fraction * n)))
+        held.update(sorted(members, key=rank.__getitem__)[:k])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def ingest_folder(
@@ -170,10 +204,26 @@ def ingest_folder(
     shard_size: int = 10_000,
     class_names: Sequence[str] | None = None,
     license: str | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+    holdout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Class-per-folder tree (ImageNet-1k ``train/`` style) -> raw shards with labels; returns a summary."""
+    """Class-per-folder tree (ImageNet-1k ``train/`` style) -> raw shards with labels; returns a summary.
+
+    Without ``holdout`` the shards go into ``out_dir``. With ``holdout = {split, fraction, seed}`` (a folder dataset
+    that must give a held-out split to a role, e.g. ``dense.val``) they go into ``out_dir/train`` and
+    ``out_dir/<split>``, chosen by ``holdout_split``: disjoint, class-stratified and stable.
+    """
     items, names = list_folder(root, class_names)
-    summary = _write_range_shards(items, Path(out_dir), shard_size, _read_file, {"license": license})
+    read, meta = _file_reader(max_bytes), {"license": license}
+    if holdout is None:
+        summary = _write_range_shards(items, Path(out_dir), shard_size, read, meta)
+    else:
+        kept, held = holdout_split(items, root, float(holdout["fraction"]), int(holdout.get("seed", 0)))
+        if holdout["split"] == "train" or not held:
+            raise ValueError(f"{root}: holdout {holdout} gives no held-out split (name it other than train)")
+        parts = {"train": kept, holdout["split"]: held}
+        summary = {s: _write_range_shards(x, Path(out_dir) / s, shard_size, read, meta) for s, x in parts.items()}
+        summary["items"] = len(items)
     summary.update(classes=names, source=str(root))
     logger.info("ingest_folder %s: %s", root, {k: v for k, v in summary.items() if k != "classes"})
     return summary

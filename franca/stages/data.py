@@ -99,7 +99,9 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
     from franca.data import sources
 
     if source == "folder":
-        return sources.ingest_folder(ds["root"], out / "train", shard_size=ds["shard_size"], class_names=class_names)
+        opts = {k: ds[k] for k in ("max_bytes", "holdout") if k in ds}
+        dest = out if "holdout" in ds else out / "train"  # raw/train/ and raw/<holdout split>/
+        return sources.ingest_folder(ds["root"], dest, shard_size=ds["shard_size"], class_names=class_names, **opts)
     if source == "in21k_tars":
         return sources.ingest_imagenet21k_tars(ds["root"], out / "train", shard_size=ds["shard_size"])
     if source == "folder_seg":  # raw/<split>/ per id list (train, val), image + seg.png per sample
