@@ -30,12 +30,15 @@ import collections
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import io
 import ipaddress
 import json
 import logging
+import os
 import socket
 import sys
+import tarfile
 import time
 import zlib
 from collections.abc import Callable
@@ -43,10 +46,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpcore
 import httpx
 import numpy as np
 import pandas as pd
+from httpcore._backends.anyio import AnyIOStream
+from httpcore._utils import is_socket_readable
 from PIL import Image
 
 from franca.data.images import (
@@ -75,14 +81,24 @@ if importlib.util.find_spec("sniffio") is None:
     # sys.path again (about 1 ms per request here). A None entry makes the import fail at once, as it would anyway.
     sys.modules.setdefault("sniffio", None)
 
-__all__ = ["fetch_urls", "read_url_table", "process_image", "RETRYABLE"]
+__all__ = ["fetch_urls", "refetch_transient", "read_url_table", "process_image", "is_transient", "RETRYABLE"]
 
 _CONNECTIONS_PER_CLIENT = 8
+LOOKAHEAD_PER_CONNECTION = 256  # rows that may start past the open shards' oldest unfinished row, per connection
+MAX_OPEN_SHARDS = 64  # shards gathered at once (one spill file each)
 RETRYABLE = frozenset({"timeout", "connection_error", "http_408", "http_429"})  # plus every http_5xx
-_STATUS_COLUMNS = ["key", "url", "status", "reason", "http_status", "error_message", "attempts", "bytes", "ext"]
-_STATUS_COLUMNS += ["width", "height", "original_width", "original_height", "sha256"]
+# status table: one row per input row; ``attempts`` of the run that gave the outcome; ``transient`` (bool): a
+# failure that may succeed later (``is_transient``), re-fetched by ``refetch_transient``
+_STATUS_COLUMNS = ["key", "url", "status", "reason", "http_status", "error_message", "attempts", "transient"]
+_STATUS_COLUMNS += ["bytes", "ext", "width", "height", "original_width", "original_height", "sha256"]
 _INT_COLUMNS = ["http_status", "attempts", "bytes", "width", "height", "original_width", "original_height"]
-_STATUS_DTYPES = {c: ("Int64" if c in _INT_COLUMNS else "string") for c in _STATUS_COLUMNS}
+_STATUS_DTYPES = {c: ("Int64" if c in _INT_COLUMNS else "string") for c in _STATUS_COLUMNS} | {"transient": "boolean"}
+
+
+def is_transient(reason: str | None) -> bool:
+    """True for a failure worth another try later (timeout, connection error, HTTP 408, 429 and 5xx); every other
+    reason (404 and the other 4xx, decode errors, too large, bad scheme, blocked address...) is permanent."""
+    return isinstance(reason, str) and (reason in RETRYABLE or reason.startswith("http_5"))
 
 
 class _Failure(Exception):
@@ -202,6 +218,24 @@ def _is_public(address: str, allowed: tuple) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
 
 
+class _Stream(AnyIOStream):
+    """httpcore's anyio stream with its raw socket looked up once: httpcore asks every idle connection of a pool
+    ``is_readable`` for each request, and anyio answers each such question by building its whole attribute table
+    (a getpeername system call), the largest client cost per image before this class."""
+
+    def __init__(self, stream: anyio.abc.ByteStream):
+        super().__init__(stream)
+        self._socket = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            return is_socket_readable(self._socket)
+        return self._socket if info == "socket" else super().get_extra_info(info)
+
+    async def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> _Stream:
+        return _Stream((await super().start_tls(ssl_context, server_hostname, timeout))._stream)
+
+
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore network backend that resolves the host itself and connects only when EVERY DNS answer is a public
     address (or in ``allowed``), to the checked address: loopback, private, link-local (the cloud metadata
@@ -225,7 +259,8 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         error: Exception = httpcore.ConnectError(f"no address for {host}")
         for address in addresses:
             try:
-                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+                stream = await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+                return _Stream(stream._stream)
             except httpcore.ConnectError as exc:
                 error = exc
         raise error
@@ -248,10 +283,10 @@ def _allowed_networks(allow_private_addresses: bool | list[str]) -> tuple:
         raise ValueError(f"allow_private_addresses: expected true/false or a list of networks ({exc})") from exc
 
 
-def _client(limits: httpx.Limits, allowed: tuple, opts: dict[str, Any]) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+def _client(limits: httpx.Limits, allowed: tuple, opts: dict[str, Any], ssl_context) -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=ssl_context)
     transport._pool = httpcore.AsyncConnectionPool(  # httpx has no network_backend argument: same pool, guarded
-        ssl_context=httpx.create_ssl_context(trust_env=False),
+        ssl_context=ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         network_backend=_GuardedBackend(allowed),
@@ -302,8 +337,7 @@ class _Fetcher:
             except Exception as exc:  # every failure is classified into a manifest reason
                 failure = _classify(exc)
                 failure.attempts = attempt + 1
-                retry = failure.reason in RETRYABLE or failure.reason.startswith("http_5")
-                if not retry or attempt == retries:
+                if not is_transient(failure.reason) or attempt == retries:
                     raise failure from exc
             finally:
                 self.slots.put_nowait(client)
@@ -328,9 +362,11 @@ class _Fetcher:
             record.update(reason=reason, error_message=clean_message(message))
             record.update(http_status=getattr(exc, "http_status", None))
             record["attempts"] = getattr(exc, "attempts", record["attempts"])
+            record["transient"] = is_transient(reason)
             return record
         sha = hashlib.sha256(stored).hexdigest()
         record.update(status="success", data=stored, ext=ext, bytes=len(stored), sha256=sha, http_status=200, **sizes)
+        record["transient"] = False
         return record
 
 
@@ -346,55 +382,132 @@ def _sample_fields(record: dict[str, Any], row: dict[str, Any], caption_col: str
     return fields
 
 
-async def _run(table, shards, out_dir, opts, on_shard_done) -> None:
-    """Fetch the rows of ``shards`` through a sliding window and publish each shard when its last row is in."""
-    n, size, url_col = len(table), opts["shard_size"], opts["url_col"]
-    rows = [r for s in shards for r in range(s * size, min((s + 1) * size, n))]
-    # httpcore's pool scans every connection for every queued request, so its cost grows with the square of the
-    # pool size: several small clients (<= 8 connections each) keep that overhead flat at high concurrency.
+class _ShardBuffer:
+    """The finished rows of one raw shard, gathered in any order: status records in memory, sample fields appended
+    to a spill file (``.<shard>.spill.tmp-<pid>``: a killed run's spill goes with the other stale temps).
+
+    ``publish`` writes the tar in row order, then the status table, each atomically, so the shard's bytes depend on
+    the table and the servers' answers only, never on the order in which the rows finished.
+    """
+
+    def __init__(self, out_dir: Path, shard: int, rows: range):
+        self.out_dir, self.shard, self.rows = out_dir, shard, rows
+        self.status: dict[int, dict[str, Any]] = {}
+        self.index: dict[int, list[tuple[str, int, int]]] = {}  # row -> [(ext, offset, length)] in the spill
+        self.spill_path = out_dir / f".{shard:06d}.spill.tmp-{os.getpid()}"
+        self.spill: io.BufferedRandom | None = None
+        self.spilled = 0
+
+    def add(self, row: int, status: dict[str, Any], fields: dict[str, bytes] | None) -> None:
+        self.status[row] = status
+        if fields:
+            self.spill = self.spill or open(self.spill_path, "w+b")  # noqa: SIM115 (closed by publish / close)
+            self.index[row] = []
+            for ext, data in fields.items():
+                self.spill.write(data)
+                self.index[row].append((ext, self.spilled, len(data)))
+                self.spilled += len(data)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.status) == len(self.rows)
+
+    def publish(self) -> None:
+        writer = AtomicTarWriter(raw_tar_path(self.out_dir, self.shard))
+        try:
+            if self.spill is not None:
+                self.spill.flush()
+            for r in self.rows:
+                if r in self.index:
+                    fd = self.spill.fileno()
+                    writer.write(self.status[r]["key"], {e: os.pread(fd, n, at) for e, at, n in self.index[r]})
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        frame = pd.DataFrame([self.status[r] for r in self.rows], columns=_STATUS_COLUMNS).astype(_STATUS_DTYPES)
+        write_parquet_atomic(frame, raw_status_path(self.out_dir, self.shard))
+        self.close()
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+        self.spill_path.unlink(missing_ok=True)
+
+
+class _Job:
+    """Rows ``todo`` of raw shard ``shard`` to fetch; ``buffer`` may already hold the shard's other rows."""
+
+    def __init__(self, shard: int, todo: list[int], buffer: _ShardBuffer):
+        self.shard, self.todo, self.buffer = shard, todo, buffer
+        self.rows: list[dict[str, Any]] | None = None  # the table rows of the shard, while it is open
+
+
+async def _fetch_job_row(fetcher: _Fetcher, job: _Job, r: int, opts: dict[str, Any]):
+    key, url = f"{r:0{opts['key_digits']}d}", job.rows[r - job.buffer.rows.start][opts["url_col"]]
+    return job, r, await fetcher.fetch_row(key, str(url))
+
+
+async def _run(table: pd.DataFrame, jobs: list[_Job], opts: dict[str, Any], on_shard_done) -> None:
+    """Fetch the rows of ``jobs``; rows finish in any order and each shard is published when its last row is in.
+
+    Invariants: at most ``2 * concurrency`` rows in flight; rows start in table order, and a shard opens (its rows
+    may start) only while fewer than ``MAX_OPEN_SHARDS`` shards holding fewer than ``LOOKAHEAD_PER_CONNECTION *
+    concurrency`` rows to fetch are open: a dead URL holds one connection for its deadlines, never the others.
+    """
     n_clients = -(-opts["concurrency"] // _CONNECTIONS_PER_CLIENT)
     per_client = [len(range(c, opts["concurrency"], n_clients)) for c in range(n_clients)]  # sums to concurrency
-    allowed = _allowed_networks(opts["allow_private_addresses"])
+    allowed, ssl_context = _allowed_networks(opts["allow_private_addresses"]), httpx.create_ssl_context(trust_env=False)
+    lookahead, window = LOOKAHEAD_PER_CONNECTION * opts["concurrency"], 2 * opts["concurrency"]
+    queue = collections.deque((job, r) for job in jobs for r in job.todo)  # table order
     async with contextlib.AsyncExitStack() as stack:
         clients = []
-        for k in per_client:
+        for k in per_client:  # httpcore scans every connection of a pool per request: small pools stay cheap
             limits = httpx.Limits(max_connections=k, max_keepalive_connections=k)
-            clients.append(await stack.enter_async_context(_client(limits, allowed, opts)))
-        fetcher, window, pending = _Fetcher(clients, per_client, opts), collections.deque(), iter(rows)
-        writer, status = None, []
+            clients.append(await stack.enter_async_context(_client(limits, allowed, opts, ssl_context)))
+        fetcher, pending, open_jobs = _Fetcher(clients, per_client, opts), set(), {}
         try:
             while True:
-                while len(window) < 2 * opts["concurrency"] and (r := next(pending, None)) is not None:
-                    key = f"{r:0{opts['key_digits']}d}"
-                    window.append((r, asyncio.ensure_future(fetcher.fetch_row(key, str(table.at[r, url_col])))))
-                if not window:
+                while queue and len(pending) < window:
+                    job, r = queue[0]
+                    if job.shard not in open_jobs:
+                        held = sum(len(j.todo) for j in open_jobs.values())
+                        if open_jobs and (len(open_jobs) >= MAX_OPEN_SHARDS or held >= lookahead):
+                            break
+                        rows = job.buffer.rows
+                        job.rows = table.iloc[rows.start : rows.stop].to_dict("records")
+                        open_jobs[job.shard] = job
+                    queue.popleft()
+                    pending.add(asyncio.ensure_future(_fetch_job_row(fetcher, job, r, opts)))
+                if not pending:
                     break
-                r, task = window.popleft()
-                record = await task
-                s = r // size
-                writer = writer or AtomicTarWriter(raw_tar_path(out_dir, s))
-                if record["status"] == "success":
-                    writer.write(record["key"], _sample_fields(record, table.iloc[r].to_dict(), opts["caption_col"]))
-                status.append({c: record.get(c) for c in _STATUS_COLUMNS})
-                if r == min((s + 1) * size, n) - 1:  # last row of shard s: publish tar, then its status table
-                    writer.commit()
-                    frame = pd.DataFrame(status, columns=_STATUS_COLUMNS).astype(_STATUS_DTYPES)
-                    write_parquet_atomic(frame, raw_status_path(out_dir, s))
-                    writer, status = None, []
-                    if on_shard_done is not None:
-                        on_shard_done(s)
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    job, r, record = task.result()
+                    fields = None
+                    if record["status"] == "success":
+                        row = job.rows[r - job.buffer.rows.start]
+                        fields = _sample_fields(record, row, opts["caption_col"])
+                    job.buffer.add(r, {c: record.get(c) for c in _STATUS_COLUMNS}, fields)
+                    if job.buffer.complete:
+                        await asyncio.to_thread(job.buffer.publish)
+                        del open_jobs[job.shard]
+                        on_shard_done(job.shard)
         finally:
-            for _, task in window:
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*(t for _, t in window), return_exceptions=True)
-            if writer is not None:
-                writer.abort()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for job in open_jobs.values():
+                job.buffer.close()
 
 
-def _report(out_dir: Path, n_rows: int, n_shards: int, processed: list[int], elapsed: float) -> dict[str, Any]:
+def _report(out_dir: Path, n_rows: int, n_shards: int, processed: list[int], fetched: int, elapsed: float):
     frames = {s: pd.read_parquet(raw_status_path(out_dir, s)) for s in range(n_shards)}
     status = pd.concat(frames.values(), ignore_index=True) if frames else pd.DataFrame(columns=_STATUS_COLUMNS)
     ok = status["status"] == "success"
+    transient = ~ok & status["reason"].map(is_transient).astype(bool)
+    with_transient = [s for s, f in frames.items() if (f["status"] != "success").any() and _transient_rows(f).any()]
     run = pd.concat([frames[s] for s in processed], ignore_index=True) if processed else status[:0]
     run_bytes = float(run.loc[run["status"] == "success", "bytes"].sum())
     return {
@@ -403,21 +516,45 @@ def _report(out_dir: Path, n_rows: int, n_shards: int, processed: list[int], ela
         "shards_skipped": n_shards - len(processed),
         "success": int(ok.sum()),
         "failed": int((~ok).sum()),
+        "transient": int(transient.sum()),
+        "shards_with_transient": with_transient,
         "reasons": {str(k): int(v) for k, v in status.loc[~ok, "reason"].value_counts().sort_index().items()},
         "bytes": int(status.loc[ok, "bytes"].sum()),
         "this_run": {
             "rows": len(run),
+            "fetched": fetched,
             "elapsed_s": elapsed,
-            "urls_per_s": len(run) / max(elapsed, 1e-9),
+            "urls_per_s": fetched / max(elapsed, 1e-9),
             "mb_per_s": run_bytes / 1e6 / max(elapsed, 1e-9),
         },
     }
 
 
+def _transient_rows(status: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the transient failures of a status table (derived from ``reason`` in tables without the
+    ``transient`` column, written before it existed)."""
+    failed = status["status"] != "success"
+    if "transient" in status.columns:
+        return failed & status["transient"].fillna(False).astype(bool)
+    return failed & status["reason"].map(is_transient).astype(bool)
+
+
+def _table_digest(path: Path) -> str:
+    """sha256 of a table file read in chunks, or of a folder's table parts (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    parts = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in _TABLE_SUFFIXES)
+    for part in parts:
+        if path.is_dir():
+            digest.update(f"{part.name}\0{part.stat().st_size}\0".encode())
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_input(out_dir: Path, table_path: Path, n_rows: int, shard_size: int) -> None:
     """Refuse to resume over shards made from another table or shard size (their row ranges would not match)."""
-    record = {"table_sha256": hashlib.sha256(table_path.read_bytes()).hexdigest(), "rows": n_rows}
-    record["shard_size"] = shard_size
+    record = {"table_sha256": _table_digest(table_path), "rows": n_rows, "shard_size": shard_size}
     marker = out_dir / "fetch_input.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
@@ -425,6 +562,31 @@ def _check_input(out_dir: Path, table_path: Path, n_rows: int, shard_size: int) 
             raise ValueError(f"{out_dir} holds a fetch of another input ({previous} != {record}); use a new out_dir")
     else:
         atomic_write_bytes(marker, json.dumps(record, sort_keys=True).encode())
+
+
+def _refetch_job(out_dir: Path, shard: int, rows: range) -> _Job | None:
+    """A job that re-fetches the transient failures of complete shard ``shard``, its buffer holding every other
+    row as published (status record and sample fields read back from the tar); None when there is none."""
+    status = pd.read_parquet(raw_status_path(out_dir, shard))
+    if len(status) != len(rows):
+        raise ValueError(f"{raw_status_path(out_dir, shard)}: {len(status)} status rows, expected {len(rows)}")
+    redo = _transient_rows(status).to_numpy()
+    if not redo.any():
+        return None
+    if "transient" not in status.columns:
+        status["transient"] = (status["status"] != "success") & status["reason"].map(is_transient).astype(bool)
+    records = status.reindex(columns=_STATUS_COLUMNS).astype(object)
+    records = records.where(records.notna(), None).to_dict("records")
+    samples: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
+    with tarfile.open(raw_tar_path(out_dir, shard)) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples[key][ext] = tar.extractfile(member).read()
+    buffer = _ShardBuffer(out_dir, shard, rows)
+    for r, record, again in zip(rows, records, redo, strict=True):
+        if not again:
+            buffer.add(r, record, samples.get(record["key"]))
+    return _Job(shard, [r for r, again in zip(rows, redo, strict=True) if again], buffer)
 
 
 def fetch_urls(
@@ -451,48 +613,81 @@ def fetch_urls(
 ) -> dict[str, Any]:
     """Fetch every row of a URL table into raw shards; returns the fetch report (also written to JSON).
 
-    Every row ends as a sample or as a failure row with its reason. ``reencode``: ``never`` (store the served
-    bytes; incompatible with ``resize_max_side``), ``if_resized`` (img2dataset's ``--skip_reencode``) or ``always``.
-    ``timeout`` is the deadline of one attempt (the wait for a free connection is not part of it);
-    ``on_shard_done(shard_index)`` runs after each published shard. ``allow_private_addresses``: False (default:
-    URLs and redirects to loopback, private, link-local or reserved addresses fail as ``blocked_address``), True
-    (allow all) or a list of networks (CIDR strings) to allow, e.g. an internal mirror.
+    Every row ends as a sample or as a failure row with its reason and class (``transient``: timeout, connection
+    error, 408, 429, 5xx; see ``refetch_transient``). Published shards are skipped. ``reencode``: ``never`` (store
+    the served bytes; incompatible with ``resize_max_side``), ``if_resized`` (img2dataset's ``--skip_reencode``) or
+    ``always``. ``timeout`` is the deadline of one attempt (the wait for a free connection is not part of it);
+    ``on_shard_done(shard_index)`` runs after each published shard (shards finish in any order).
+    ``allow_private_addresses``: False (default: URLs and redirects to loopback, private, link-local or reserved
+    addresses fail as ``blocked_address``), True (allow all) or a list of networks (CIDR strings) to allow.
     """
-    _allowed_networks(allow_private_addresses)  # a bad value fails before any work
-    if reencode not in ("never", "if_resized", "always"):
-        raise ValueError(f"reencode must be never, if_resized or always, got {reencode!r}")
-    if reencode == "never" and resize_max_side is not None:
+    options = {k: v for k, v in locals().items() if k not in ("url_table_path", "out_dir")}
+    return _fetch(Path(url_table_path), Path(out_dir), options, refetch=False, shards=None)
+
+
+def refetch_transient(
+    url_table_path: str | Path, out_dir: str | Path, *, shards: list[int] | None = None, **options: Any
+) -> dict[str, Any]:
+    """Re-fetch the transient failures of the complete raw shards of ``out_dir`` (all, or those of ``shards``).
+
+    ``options`` are those of ``fetch_urls`` (same defaults; the table and ``shard_size`` must be those of the first
+    run). Each shard holding a transient failure is rewritten atomically (tar, then status table): a row that
+    succeeds now is stored exactly as a first-time success (same tar and status bytes as a clean run where it
+    succeeded at once), a row that fails again keeps its new failure; every other row is kept as published.
+    Incomplete shards are left to ``fetch_urls``. Returns the fetch report (``this_run.fetched``: rows requested).
+    """
+    bound = inspect.signature(fetch_urls).bind(url_table_path, out_dir, **options)
+    bound.apply_defaults()
+    options = {k: v for k, v in bound.arguments.items() if k not in ("url_table_path", "out_dir")}
+    return _fetch(Path(url_table_path), Path(out_dir), options, refetch=True, shards=shards)
+
+
+def _fetch(table_path: Path, out_dir: Path, options: dict, refetch: bool, shards: list[int] | None) -> dict:
+    """``fetch_urls`` (``refetch`` False) or ``refetch_transient`` of ``shards`` (None: every complete shard)."""
+    opts = dict(options)
+    _allowed_networks(opts["allow_private_addresses"])  # a bad value fails before any work
+    if opts["reencode"] not in ("never", "if_resized", "always"):
+        raise ValueError(f"reencode must be never, if_resized or always, got {opts['reencode']!r}")
+    if opts["reencode"] == "never" and opts["resize_max_side"] is not None:
         raise ValueError("resize_max_side needs re-encoding: use reencode='if_resized' or 'always'")
-    if encode_format not in ("jpg", "png") or shard_size < 1 or concurrency < 1 or retries < 0:
-        raise ValueError(f"bad fetch options: encode_format={encode_format!r} shard_size={shard_size}")
-    table_path, out_dir = Path(url_table_path), Path(out_dir)
-    table = read_url_table(table_path, url_col)
-    if caption_col is not None and caption_col not in table.columns:
-        logger.warning("URL table %s has no caption column %r; captions left empty", table_path, caption_col)
-        caption_col = None
-    if len(table) >= 10**key_digits:
-        raise ValueError(f"{len(table)} rows do not fit keys of {key_digits} digits")
+    size, concurrency = opts["shard_size"], opts["concurrency"]
+    if opts["encode_format"] not in ("jpg", "png") or size < 1 or concurrency < 1 or opts["retries"] < 0:
+        raise ValueError(f"bad fetch options: encode_format={opts['encode_format']!r} shard_size={size}")
+    table = read_url_table(table_path, opts["url_col"])
+    if opts["caption_col"] is not None and opts["caption_col"] not in table.columns:
+        logger.warning("URL table %s has no caption column %r; captions left empty", table_path, opts["caption_col"])
+        opts["caption_col"] = None
+    if len(table) >= 10 ** opts["key_digits"]:
+        raise ValueError(f"{len(table)} rows do not fit keys of {opts['key_digits']} digits")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_input(out_dir, table_path, len(table), shard_size)
+    _check_input(out_dir, table_path, len(table), size)
     remove_stale_temps(out_dir)
-    n_shards = -(-len(table) // shard_size)
-    todo = [s for s in range(n_shards) if not raw_shard_complete(out_dir, s)]
-    logger.info("fetch %s: %d rows, %d shards, %d to do", table_path, len(table), n_shards, len(todo))
-    opts = {"url_col": url_col, "caption_col": caption_col, "shard_size": shard_size, "timeout": timeout}
-    opts.update({"retries": retries, "backoff": backoff, "max_bytes": max_bytes, "max_pixels": max_pixels})
-    opts.update({"max_redirects": max_redirects, "resize_max_side": resize_max_side, "reencode": reencode})
-    opts.update({"encode_format": encode_format, "concurrency": concurrency, "user_agent": user_agent})
-    opts.update(key_digits=key_digits, allow_private_addresses=allow_private_addresses)
-    start = time.perf_counter()
+    n_shards = -(-len(table) // size)
+    ranges = [range(s * size, min((s + 1) * size, len(table))) for s in range(n_shards)]
+    if not refetch:
+        todo = [s for s in range(n_shards) if not raw_shard_complete(out_dir, s)]
+        jobs = [_Job(s, list(ranges[s]), _ShardBuffer(out_dir, s, ranges[s])) for s in todo]
+    else:
+        chosen = [s for s in (range(n_shards) if shards is None else shards) if raw_shard_complete(out_dir, s)]
+        jobs = [j for s in chosen if (j := _refetch_job(out_dir, s, ranges[s])) is not None]
+    fetched = sum(len(j.todo) for j in jobs)
+    logger.info(
+        "fetch %s: %d rows, %d shards, %d rows in %d to do", table_path, len(table), n_shards, fetched, len(jobs)
+    )
     processed: list[int] = []
 
     def done(s: int) -> None:
         processed.append(s)
-        if on_shard_done is not None:
-            on_shard_done(s)
+        if opts["on_shard_done"] is not None:
+            opts["on_shard_done"](s)
 
-    asyncio.run(_run(table, todo, out_dir, opts, done))
-    report = _report(out_dir, len(table), n_shards, processed, time.perf_counter() - start)
+    start = time.perf_counter()
+    try:
+        asyncio.run(_run(table, jobs, opts, done))
+    finally:
+        for job in jobs:
+            job.buffer.close()
+    report = _report(out_dir, len(table), n_shards, processed, fetched, time.perf_counter() - start)
     atomic_write_bytes(out_dir / "fetch_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     logger.info("fetch report: %s", report)
     return report

@@ -102,7 +102,6 @@ def test_resize_and_reencode(image_server, tmp_path):
 
 def test_interrupted_fetch_resumes_to_identical_shards(image_server, tmp_path):
     urls = [image_server.url(f"/img/{i % 20:03d}.jpg") for i in range(22)]
-    # the flaky URL sits in shard 0, which the interrupted run completes (no stray retry can race a reset)
     urls[2], urls[12], urls[17] = image_server.url("/flaky/005.jpg"), image_server.url("/404"), "file:///x"
     pd.DataFrame({"url": urls, "caption": [f"c{i}" for i in range(22)]}).to_parquet(tmp_path / "u.parquet")
     kwargs = {"shard_size": 5, "reencode": "never", **FAST}
@@ -113,7 +112,8 @@ def test_interrupted_fetch_resumes_to_identical_shards(image_server, tmp_path):
     image_server.reset()
     with pytest.raises(KeyboardInterrupt):
         fetch_urls(tmp_path / "u.parquet", tmp_path / "resumed", on_shard_done=stop_after_first, **kwargs)
-    assert sorted(p.name for p in (tmp_path / "resumed").glob("*.tar")) == ["000000.tar"]
+    assert len(list((tmp_path / "resumed").glob("*.tar"))) == 1  # shards finish in any order: one was published
+    assert not list((tmp_path / "resumed").glob(".*"))  # the interrupted shards' spill files are gone
     (tmp_path / "resumed" / ".000003.tar.tmp-99999").write_bytes(b"half a shard")  # a killed writer's leftover
     image_server.reset()
     report = fetch_urls(tmp_path / "u.parquet", tmp_path / "resumed", **kwargs)
