@@ -27,37 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
-import importlib.util
 import inspect
 import io
-import ipaddress
 import json
 import logging
 import os
-import socket
-import sys
 import tarfile
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import anyio
-import httpcore
-import httpx
 import numpy as np
 import pandas as pd
-from httpcore._backends.anyio import AnyIOStream
-from httpcore._utils import is_socket_readable
 from PIL import Image
 
+from franca.data.download import RETRYABLE, Failure, allowed_networks, classify, download, is_transient, session
 from franca.data.images import (
     FORMAT_EXT,
-    BoundedInflater,
     ImageCheckError,
     canonical_image,
     check_image,
@@ -76,35 +65,16 @@ from franca.data.shards import AtomicTarWriter, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-if importlib.util.find_spec("sniffio") is None:
-    # httpcore runs ``import sniffio`` on every lock it creates; when sniffio is not installed each attempt searches
-    # sys.path again (about 1 ms per request here). A None entry makes the import fail at once, as it would anyway.
-    sys.modules.setdefault("sniffio", None)
-
 __all__ = ["fetch_urls", "refetch_transient", "read_url_table", "process_image", "is_transient", "RETRYABLE"]
 
-_CONNECTIONS_PER_CLIENT = 8
 LOOKAHEAD_PER_CONNECTION = 256  # rows that may start past the open shards' oldest unfinished row, per connection
 MAX_OPEN_SHARDS = 64  # shards gathered at once (one spill file each)
-RETRYABLE = frozenset({"timeout", "connection_error", "http_408", "http_429"})  # plus every http_5xx
 # status table: one row per input row; ``attempts`` of the run that gave the outcome; ``transient`` (bool): a
 # failure that may succeed later (``is_transient``), re-fetched by ``refetch_transient``
 _STATUS_COLUMNS = ["key", "url", "status", "reason", "http_status", "error_message", "attempts", "transient"]
 _STATUS_COLUMNS += ["bytes", "ext", "width", "height", "original_width", "original_height", "sha256"]
 _INT_COLUMNS = ["http_status", "attempts", "bytes", "width", "height", "original_width", "original_height"]
 _STATUS_DTYPES = {c: ("Int64" if c in _INT_COLUMNS else "string") for c in _STATUS_COLUMNS} | {"transient": "boolean"}
-
-
-def is_transient(reason: str | None) -> bool:
-    """True for a failure worth another try later (timeout, connection error, HTTP 408, 429 and 5xx); every other
-    reason (404 and the other 4xx, decode errors, too large, bad scheme, blocked address...) is permanent."""
-    return isinstance(reason, str) and (reason in RETRYABLE or reason.startswith("http_5"))
-
-
-class _Failure(Exception):
-    def __init__(self, reason: str, message: str = "", http_status: int | None = None):
-        super().__init__(message or reason)
-        self.reason, self.http_status = reason, http_status
 
 
 _TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
@@ -176,171 +146,32 @@ def _json_value(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-async def _download(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
-    """Body of a GET, failing fast on a non-200 status or past ``max_bytes``.
-
-    The body is read raw and decoded here (gzip / deflate, ``BoundedInflater``), so the decoded bytes are bounded
-    as they are produced. A body that ends before its Content-Length is ``truncated``.
-    """
-    async with client.stream("GET", url) as response:
-        if response.status_code != 200:
-            raise _Failure(f"http_{response.status_code}", http_status=response.status_code)
-        length = response.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise _Failure("too_large", f"content-length {length} > {max_bytes}")
-        encoding = response.headers.get("content-encoding", "identity").strip().lower() or "identity"
-        encoding = "gzip" if encoding == "x-gzip" else encoding
-        if encoding not in ("identity", "gzip", "deflate"):
-            raise _Failure("bad_encoding", f"content-encoding {encoding!r} (only gzip and deflate are accepted)")
-        inflater, received = BoundedInflater(encoding, max_bytes), 0
-        try:
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                inflater.feed(chunk)
-            return inflater.finish()
-        except httpx.RemoteProtocolError as exc:
-            if length is not None and length.isdigit() and received < int(length):
-                raise _Failure("truncated", f"body ended after {received} of {length} bytes") from exc
-            raise
-        except ValueError as exc:
-            raise _Failure("too_large", f"decoded body > {max_bytes} bytes") from exc
-        except (zlib.error, EOFError) as exc:
-            raise _Failure("bad_encoding", f"{encoding} body: {type(exc).__name__}: {exc}") from exc
-
-
-def _is_public(address: str, allowed: tuple) -> bool:
-    """True for a global unicast address, or one inside an allowed network (``allow_private_addresses``)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in net for net in allowed):
-        return True
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
-
-
-class _Stream(AnyIOStream):
-    """httpcore's anyio stream with its raw socket looked up once: httpcore asks every idle connection of a pool
-    ``is_readable`` for each request, and anyio answers each such question by building its whole attribute table
-    (a getpeername system call), the largest client cost per image before this class."""
-
-    def __init__(self, stream: anyio.abc.ByteStream):
-        super().__init__(stream)
-        self._socket = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":
-            return is_socket_readable(self._socket)
-        return self._socket if info == "socket" else super().get_extra_info(info)
-
-    async def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> _Stream:
-        return _Stream((await super().start_tls(ssl_context, server_hostname, timeout))._stream)
-
-
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore network backend that resolves the host itself and connects only when EVERY DNS answer is a public
-    address (or in ``allowed``), to the checked address: loopback, private, link-local (the cloud metadata
-    service 169.254.169.254 included), reserved and multicast targets are refused as ``blocked_address``. Every
-    connection goes through here, so the check also holds after each redirect."""
-
-    def __init__(self, allowed: tuple):
-        self.allowed, self.inner = allowed, httpcore.AnyIOBackend()
-
-    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        blocked = [a for a in addresses if not _is_public(a, self.allowed)]
-        if blocked:
-            message = f"{host} resolves to non-public address {blocked[0]} (set allow_private_addresses to fetch it)"
-            raise _Failure("blocked_address", message)
-        error: Exception = httpcore.ConnectError(f"no address for {host}")
-        for address in addresses:
-            try:
-                stream = await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
-                return _Stream(stream._stream)
-            except httpcore.ConnectError as exc:
-                error = exc
-        raise error
-
-    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        raise _Failure("blocked_address", "unix sockets are not fetched")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
-
-
-def _allowed_networks(allow_private_addresses: bool | list[str]) -> tuple:
-    if allow_private_addresses is True:
-        return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
-    if allow_private_addresses is False or allow_private_addresses is None:
-        return ()
-    try:
-        return tuple(ipaddress.ip_network(n, strict=False) for n in allow_private_addresses)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"allow_private_addresses: expected true/false or a list of networks ({exc})") from exc
-
-
-def _client(limits: httpx.Limits, allowed: tuple, opts: dict[str, Any], ssl_context) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, verify=ssl_context)
-    transport._pool = httpcore.AsyncConnectionPool(  # httpx has no network_backend argument: same pool, guarded
-        ssl_context=ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        network_backend=_GuardedBackend(allowed),
-    )
-    headers = {"User-Agent": opts["user_agent"], "Accept-Encoding": "gzip, deflate"}
-    return httpx.AsyncClient(
-        transport=transport, follow_redirects=True, max_redirects=opts["max_redirects"], timeout=opts["timeout"],
-        headers=headers, trust_env=False,
-    )  # fmt: skip
-
-
-def _classify(exc: Exception) -> _Failure:
-    if isinstance(exc, _Failure):
-        return exc
-    table = [
-        (httpx.TooManyRedirects, "redirect_loop"),
-        (httpx.UnsupportedProtocol, "bad_scheme"),
-        (httpx.InvalidURL, "bad_url"),
-        ((httpx.TimeoutException, asyncio.TimeoutError, TimeoutError), "timeout"),
-        ((httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError), "connection_error"),
-        (httpx.DecodingError, "bad_encoding"),
-    ]
-    reason = next((r for types, r in table if isinstance(exc, types)), "error")
-    return _Failure(reason, clean_message(f"{type(exc).__name__}: {exc}"))
-
-
 class _Fetcher:
     """One fetch run: per-row download with retries, then decoding in a worker thread.
 
-    Each attempt first takes a free connection slot of one client (``slots``: every client appears once per
-    connection it may open), then starts its deadline: a request never waits on a pool inside its ``timeout``, so
-    fast URLs do not time out behind slow ones.
+    Each attempt first takes one of ``concurrency`` connection slots (the session's connection limit), then starts
+    its deadline: a request never waits on the pool inside its ``timeout``, so fast URLs do not time out behind
+    slow ones.
     """
 
-    def __init__(self, clients: list[httpx.AsyncClient], per_client: list[int], opts: dict[str, Any]):
-        self.opts = opts
-        self.slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
-        for client, n in zip(clients, per_client, strict=True):
-            for _ in range(n):
-                self.slots.put_nowait(client)
+    def __init__(self, client, opts: dict[str, Any]):
+        self.client, self.opts = client, opts
+        self.slots = asyncio.Semaphore(opts["concurrency"])
 
     async def _attempts(self, url: str) -> tuple[bytes, int]:
         retries, backoff, timeout = self.opts["retries"], self.opts["backoff"], self.opts["timeout"]
         for attempt in range(retries + 1):
-            client = await self.slots.get()  # outside the deadline
+            await self.slots.acquire()  # outside the deadline
             try:
-                return await asyncio.wait_for(_download(client, url, self.opts["max_bytes"]), timeout), attempt
+                body = download(self.client, url, self.opts["max_bytes"], self.opts["max_redirects"])
+                return await asyncio.wait_for(body, timeout), attempt
             except Exception as exc:  # every failure is classified into a manifest reason
-                failure = _classify(exc)
+                failure = classify(exc)
                 failure.attempts = attempt + 1
                 if not is_transient(failure.reason) or attempt == retries:
                     raise failure from exc
             finally:
-                self.slots.put_nowait(client)
+                self.slots.release()
             await asyncio.sleep(backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -349,7 +180,7 @@ class _Fetcher:
         record: dict[str, Any] = {"key": key, "url": url, "status": "failed", "attempts": 0}
         try:
             if urlsplit(url).scheme.lower() not in ("http", "https"):
-                raise _Failure("bad_scheme", f"scheme {urlsplit(url).scheme!r} not allowed")
+                raise Failure("bad_scheme", f"scheme {urlsplit(url).scheme!r} not allowed")
             data, attempt = await self._attempts(url)
             record["attempts"] = attempt + 1
             stored, ext, sizes = await asyncio.to_thread(
@@ -358,7 +189,7 @@ class _Fetcher:
             )  # fmt: skip
         except Exception as exc:  # per-row errors never stop the fetch: a failure row with its reason
             reason = getattr(exc, "reason", "process_error")
-            message = str(exc) if isinstance(exc, (_Failure, ImageCheckError)) else f"{type(exc).__name__}: {exc}"
+            message = str(exc) if isinstance(exc, (Failure, ImageCheckError)) else f"{type(exc).__name__}: {exc}"
             record.update(reason=reason, error_message=clean_message(message))
             record.update(http_status=getattr(exc, "http_status", None))
             record["attempts"] = getattr(exc, "attempts", record["attempts"])
@@ -456,17 +287,10 @@ async def _run(table: pd.DataFrame, jobs: list[_Job], opts: dict[str, Any], on_s
     may start) only while fewer than ``MAX_OPEN_SHARDS`` shards holding fewer than ``LOOKAHEAD_PER_CONNECTION *
     concurrency`` rows to fetch are open: a dead URL holds one connection for its deadlines, never the others.
     """
-    n_clients = -(-opts["concurrency"] // _CONNECTIONS_PER_CLIENT)
-    per_client = [len(range(c, opts["concurrency"], n_clients)) for c in range(n_clients)]  # sums to concurrency
-    allowed, ssl_context = _allowed_networks(opts["allow_private_addresses"]), httpx.create_ssl_context(trust_env=False)
     lookahead, window = LOOKAHEAD_PER_CONNECTION * opts["concurrency"], 2 * opts["concurrency"]
     queue = collections.deque((job, r) for job in jobs for r in job.todo)  # table order
-    async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for k in per_client:  # httpcore scans every connection of a pool per request: small pools stay cheap
-            limits = httpx.Limits(max_connections=k, max_keepalive_connections=k)
-            clients.append(await stack.enter_async_context(_client(limits, allowed, opts, ssl_context)))
-        fetcher, pending, open_jobs = _Fetcher(clients, per_client, opts), set(), {}
+    async with session(opts) as client:
+        fetcher, pending, open_jobs = _Fetcher(client, opts), set(), {}
         try:
             while True:
                 while queue and len(pending) < window:
@@ -645,7 +469,7 @@ def refetch_transient(
 def _fetch(table_path: Path, out_dir: Path, options: dict, refetch: bool, shards: list[int] | None) -> dict:
     """``fetch_urls`` (``refetch`` False) or ``refetch_transient`` of ``shards`` (None: every complete shard)."""
     opts = dict(options)
-    _allowed_networks(opts["allow_private_addresses"])  # a bad value fails before any work
+    allowed_networks(opts["allow_private_addresses"])  # a bad value fails before any work
     if opts["reencode"] not in ("never", "if_resized", "always"):
         raise ValueError(f"reencode must be never, if_resized or always, got {opts['reencode']!r}")
     if opts["reencode"] == "never" and opts["resize_max_side"] is not None:
