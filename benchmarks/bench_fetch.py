@@ -79,6 +79,7 @@ def _serve_forever(images: list[bytes], slow_s: float, port_queue) -> None:
             self.wfile.write(body)
 
     server = _Server(("127.0.0.1", 0), Handler)
+    server.handle_error = lambda request, address: None  # clients close idle keep-alive connections at their end
     port_queue.put(server.server_address[1])
     server.serve_forever()
 

@@ -126,6 +126,7 @@ _REASONS = [  # first match wins: subclasses before their bases
     (aiohttp.TooManyRedirects, "redirect_loop"),
     (aiohttp.NonHttpUrlClientError, "bad_scheme"),
     (aiohttp.InvalidURL, "bad_url"),
+    (aiohttp.ClientSSLError, "ssl_error"),  # certificate / handshake refused: permanent (before connection errors)
     ((asyncio.TimeoutError, TimeoutError), "timeout"),
     (
         (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError, OSError),

@@ -3,12 +3,17 @@
 Output (``out_dir``), compatible with img2dataset's ``--output_format webdataset``:
   * ``%06d.tar``: per successful row ``<key>.<ext>`` (the image), ``<key>.txt`` (caption, when present) and
     ``<key>.json`` (url, caption, sizes, sha256 and every extra column of the table); ``key = %09d`` row index;
-  * ``%06d.parquet``: one status row per input row of the shard (``success`` or ``failed`` with its ``reason``);
+  * ``%06d.parquet``: one status row per input row of the shard (``success`` or ``failed`` with its ``reason``,
+    its class ``transient`` and the ``attempts`` of the run that gave the outcome);
   * ``fetch_report.json``: counts per reason over all shards, and this run's throughput.
 
-Shard ``s`` always covers rows ``[s * shard_size, (s + 1) * shard_size)`` and its samples are written in row order,
-so its bytes depend on the table and the servers' answers only: a rerun after an interruption skips the published
-shards and rebuilds the others, which gives the same files as an uninterrupted run.
+Shard ``s`` always covers rows ``[s * shard_size, (s + 1) * shard_size)``. Rows finish in any order (issue 17: a
+dead URL holds its own connection for its deadlines, never the other rows): finished rows are gathered per shard
+(fields in a spill file) and a shard is written in row order once all its rows are in, so its bytes depend on the
+table and the servers' answers only: a rerun after an interruption skips the published shards and rebuilds the
+others, which gives the same files as an uninterrupted run. ``refetch_transient`` rewrites a published shard with
+its transient failures (timeouts, connection errors, 408, 429, 5xx) fetched again, as if they had succeeded first.
+The network side (aiohttp, guarded connector, bounded bodies) is ``franca.data.download``.
 
 Robustness: only http/https (``bad_scheme``), a redirect limit (``redirect_loop``), a per-attempt deadline
 (``timeout``), retries with exponential backoff on transient errors (timeouts, 5xx, 408/429, connection errors),
