@@ -245,3 +245,28 @@ def test_refetch_transient_rewrites_shard_as_clean_run(image_server, tmp_path):
     image_server.reset()
     again = refetch_transient(tmp_path / "u.parquet", tmp_path / "run", **kwargs)  # nothing left to fetch
     assert again["this_run"]["fetched"] == 0 and image_server.hits == {}
+
+
+def test_shard_buffer_writes_the_tar_of_atomic_tar_writer(tmp_path):
+    """Rows added in any order give the bytes AtomicTarWriter writes for the same samples in row order (member
+    sizes around the 512-byte blocks, empty members, rows without a sample, an empty shard)."""
+    import random
+
+    from franca.data.fetch import _STATUS_COLUMNS, _ShardBuffer
+    from franca.data.shards import AtomicTarWriter
+
+    rng = random.Random(0)
+    sizes = [0, 1, 511, 512, 513, 10_000, 70_001]
+    for trial, n in enumerate([0, 1, 7, 12]):
+        samples = {r: {e: rng.randbytes(rng.choice(sizes)) for e in rng.sample(["jpg", "json", "txt", "seg.png"], 2)}
+                   for r in range(n) if rng.random() < 0.8}  # fmt: skip
+        out = tmp_path / str(trial)
+        with AtomicTarWriter(out / "reference.tar") as writer:
+            for r in sorted(samples):
+                writer.write(f"{r:09d}", samples[r])
+        buffer = _ShardBuffer(out, 0, range(n))
+        for r in rng.sample(range(n), n):
+            buffer.add(r, {c: None for c in _STATUS_COLUMNS} | {"key": f"{r:09d}"}, samples.get(r))
+        buffer.publish()
+        assert (out / "000000.tar").read_bytes() == (out / "reference.tar").read_bytes(), f"trial {trial}"
+        assert len(pd.read_parquet(out / "000000.parquet")) == n and not list(out.glob(".*"))
