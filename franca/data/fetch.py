@@ -121,6 +121,11 @@ def process_image(
         ext = FORMAT_EXT.get(image.format or "", "img")
         width, height = image.size
         return data, ext, {"original_width": width, "original_height": height, "width": width, "height": height}
+    if reencode == "if_resized" and is_canonical(image, data):  # stored as served unless resized (no conversion)
+        width, height = image.size  # upright: a canonical image has no orientation tag
+        if resize_max_side is None or max(width, height) <= resize_max_side:
+            sizes = {"original_width": width, "original_height": height, "width": width, "height": height}
+            return data, FORMAT_EXT[image.format], sizes
     upright = canonical_image(image)
     width, height = upright.size
     sizes = {"original_width": width, "original_height": height, "width": width, "height": height}
