@@ -179,8 +179,8 @@ def main() -> None:
     happy = [f"{base}/img/{i}.jpg" for i in range(args.n)]
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fetcher in (("current", current), ("baseline", baseline)):
-            for table_name, urls in (("happy", happy), ("mix", mix)):
+        for table_name, urls in (("happy", happy), ("mix", mix)):  # each table by both fetchers back to back
+            for name, fetcher in (("current", current), ("baseline", baseline)):
                 runs[f"{name}_{table_name}"] = run(fetcher, urls, Path(tmp), f"{name}_{table_name}", args)
                 print(f"{name} {table_name}: {runs[f'{name}_{table_name}']}", file=sys.stderr)
         identical = {t: same_tars(Path(tmp) / f"current_{t}", Path(tmp) / f"baseline_{t}") for t in ("happy", "mix")}
