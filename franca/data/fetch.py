@@ -35,6 +35,7 @@ import collections
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import logging
 import os
@@ -447,15 +448,15 @@ def _refetch_job(out_dir: Path, shard: int, rows: range) -> _Job | None:
         status["transient"] = (status["status"] != "success") & status["reason"].map(is_transient).astype(bool)
     records = status.reindex(columns=_STATUS_COLUMNS).astype(object)
     records = records.where(records.notna(), None).to_dict("records")
-    samples: dict[str, dict[str, bytes]] = collections.defaultdict(dict)
-    with tarfile.open(raw_tar_path(out_dir, shard)) as tar:
-        for member in tar:
-            key, ext = member.name.split(".", 1)
-            samples[key][ext] = tar.extractfile(member).read()
     buffer = _ShardBuffer(out_dir, shard, rows)
-    for r, record, again in zip(rows, records, redo, strict=True):
-        if not again:
-            buffer.add(r, record, samples.get(record["key"]))
+    kept = {rec["key"]: (r, rec) for r, rec, again in zip(rows, records, redo, strict=True) if not again}
+    with tarfile.open(raw_tar_path(out_dir, shard)) as tar:  # members grouped by key: one sample in memory
+        for key, members in itertools.groupby(tar, key=lambda m: m.name.split(".", 1)[0]):
+            fields = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in members}
+            if key in kept:
+                buffer.add(*kept.pop(key), fields)
+    for r, record in kept.values():  # the kept rows without a sample (permanent failures)
+        buffer.add(r, record, None)
     return _Job(shard, [r for r, again in zip(rows, redo, strict=True) if again], buffer)
 
 
