@@ -73,7 +73,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["fetch_urls", "refetch_transient", "read_url_table", "process_image", "is_transient", "RETRYABLE"]
 
-LOOKAHEAD_PER_CONNECTION = 256  # rows that may start past the open shards' oldest unfinished row, per connection
+# Rows held by the open shards (status records in memory, samples in their spill files), per connection: a dead URL
+# blocks its shard for its deadlines (timeout 10 s x 3 attempts = 31.5 s with laion.yaml's settings) while the
+# others go on; 512 rows a connection cover ~65 s of fetching at 500 URLs/s, so the window never waits on it.
+LOOKAHEAD_PER_CONNECTION = 512
 MAX_OPEN_SHARDS = 64  # shards gathered at once (one spill file each)
 # status table: one row per input row; ``attempts`` of the run that gave the outcome; ``transient`` (bool): a
 # failure that may succeed later (``is_transient``), re-fetched by ``refetch_transient``
