@@ -270,3 +270,22 @@ def test_shard_buffer_writes_the_tar_of_atomic_tar_writer(tmp_path):
         buffer.publish()
         assert (out / "000000.tar").read_bytes() == (out / "reference.tar").read_bytes(), f"trial {trial}"
         assert len(pd.read_parquet(out / "000000.parquet")) == n and not list(out.glob(".*"))
+
+
+def test_open_shards_are_bounded(image_server, tmp_path, monkeypatch):
+    """Rows of a new shard start only while fewer than MAX_OPEN_SHARDS shards are gathering: at most that many
+    spill files exist at any time, and every shard is still published."""
+    import franca.data.fetch as fetch
+
+    monkeypatch.setattr(fetch, "MAX_OPEN_SHARDS", 2)
+    urls = [image_server.url(f"/img/{i % 20:03d}.jpg") for i in range(40)]
+    pd.DataFrame({"url": urls}).to_parquet(tmp_path / "u.parquet")
+    spills = []
+    out = tmp_path / "raw"
+
+    def count_spills(shard):
+        spills.append(len(list(out.glob(".*spill*"))))
+
+    opts = {**FAST, "concurrency": 16}  # a window of 32 rows: 7 shards at once without the bound
+    report = fetch_urls(tmp_path / "u.parquet", out, shard_size=5, on_shard_done=count_spills, **opts)
+    assert report["success"] == 40 and len(spills) == 8 and max(spills) <= 1  # the other open shard, at most
