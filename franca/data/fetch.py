@@ -340,7 +340,7 @@ async def _run(table: pd.DataFrame, jobs: list[_Job], opts: dict[str, Any], on_s
     lookahead, window = LOOKAHEAD_PER_CONNECTION * opts["concurrency"], 2 * opts["concurrency"]
     queue = collections.deque((job, r) for job in jobs for r in job.todo)  # table order
     async with session(opts) as client:
-        fetcher, pending, open_jobs = _Fetcher(client, opts), set(), {}
+        fetcher, pending, open_jobs, finished = _Fetcher(client, opts), set(), {}, asyncio.Queue()
         try:
             while True:
                 while queue and len(pending) < window:
@@ -353,11 +353,16 @@ async def _run(table: pd.DataFrame, jobs: list[_Job], opts: dict[str, Any], on_s
                         job.rows = table.iloc[rows.start : rows.stop].to_dict("records")
                         open_jobs[job.shard] = job
                     queue.popleft()
-                    pending.add(asyncio.ensure_future(_fetch_job_row(fetcher, job, r, opts)))
+                    task = asyncio.ensure_future(_fetch_job_row(fetcher, job, r, opts))
+                    task.add_done_callback(finished.put_nowait)  # O(1) per row, unlike asyncio.wait on the set
+                    pending.add(task)
                 if not pending:
                     break
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                done = [await finished.get()]
+                while not finished.empty():
+                    done.append(finished.get_nowait())
                 for task in done:
+                    pending.discard(task)
                     job, r, record = task.result()
                     fields = None
                     if record["status"] == "success":
