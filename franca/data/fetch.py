@@ -3,12 +3,17 @@
 Output (``out_dir``), compatible with img2dataset's ``--output_format webdataset``:
   * ``%06d.tar``: per successful row ``<key>.<ext>`` (the image), ``<key>.txt`` (caption, when present) and
     ``<key>.json`` (url, caption, sizes, sha256 and every extra column of the table); ``key = %09d`` row index;
-  * ``%06d.parquet``: one status row per input row of the shard (``success`` or ``failed`` with its ``reason``);
+  * ``%06d.parquet``: one status row per input row of the shard (``success`` or ``failed`` with its ``reason``,
+    its class ``transient`` and the ``attempts`` of the run that gave the outcome);
   * ``fetch_report.json``: counts per reason over all shards, and this run's throughput.
 
-Shard ``s`` always covers rows ``[s * shard_size, (s + 1) * shard_size)`` and its samples are written in row order,
-so its bytes depend on the table and the servers' answers only: a rerun after an interruption skips the published
-shards and rebuilds the others, which gives the same files as an uninterrupted run.
+Shard ``s`` always covers rows ``[s * shard_size, (s + 1) * shard_size)``. Rows finish in any order (issue 17: a
+dead URL holds its own connection for its deadlines, never the other rows): finished rows are gathered per shard
+(fields in a spill file) and a shard is written in row order once all its rows are in, so its bytes depend on the
+table and the servers' answers only: a rerun after an interruption skips the published shards and rebuilds the
+others, which gives the same files as an uninterrupted run. ``refetch_transient`` rewrites a published shard with
+its transient failures (timeouts, connection errors, 408, 429, 5xx) fetched again, as if they had succeeded first.
+The network side (aiohttp, guarded connector, bounded bodies) is ``franca.data.download``.
 
 Robustness: only http/https (``bad_scheme``), a redirect limit (``redirect_loop``), a per-attempt deadline
 (``timeout``), retries with exponential backoff on transient errors (timeouts, 5xx, 408/429, connection errors),
@@ -27,31 +32,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
-import importlib.util
+import inspect
 import io
-import ipaddress
+import itertools
 import json
 import logging
-import socket
-import sys
+import os
+import tarfile
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpcore
-import httpx
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from franca.data.download import RETRYABLE, Failure, allowed_networks, classify, download, is_transient, session
 from franca.data.images import (
     FORMAT_EXT,
-    BoundedInflater,
     ImageCheckError,
     canonical_image,
     check_image,
@@ -66,29 +67,23 @@ from franca.data.manifest import (
     remove_stale_temps,
     write_parquet_atomic,
 )
-from franca.data.shards import AtomicTarWriter, atomic_write_bytes
+from franca.data.shards import atomic_write_bytes, fsync_dir
 
 logger = logging.getLogger(__name__)
 
-if importlib.util.find_spec("sniffio") is None:
-    # httpcore runs ``import sniffio`` on every lock it creates; when sniffio is not installed each attempt searches
-    # sys.path again (about 1 ms per request here). A None entry makes the import fail at once, as it would anyway.
-    sys.modules.setdefault("sniffio", None)
+__all__ = ["fetch_urls", "refetch_transient", "read_url_table", "process_image", "is_transient", "RETRYABLE"]
 
-__all__ = ["fetch_urls", "read_url_table", "process_image", "RETRYABLE"]
-
-_CONNECTIONS_PER_CLIENT = 8
-RETRYABLE = frozenset({"timeout", "connection_error", "http_408", "http_429"})  # plus every http_5xx
-_STATUS_COLUMNS = ["key", "url", "status", "reason", "http_status", "error_message", "attempts", "bytes", "ext"]
-_STATUS_COLUMNS += ["width", "height", "original_width", "original_height", "sha256"]
+# Rows held by the open shards (status records in memory, samples in their spill files), per connection: a dead URL
+# blocks its shard for its deadlines (timeout 10 s x 3 attempts = 31.5 s with laion.yaml's settings) while the
+# others go on; 512 rows a connection cover ~65 s of fetching at 500 URLs/s, so the window never waits on it.
+LOOKAHEAD_PER_CONNECTION = 512
+MAX_OPEN_SHARDS = 64  # shards gathered at once (one spill file each)
+# status table: one row per input row; ``attempts`` of the run that gave the outcome; ``transient`` (bool): a
+# failure that may succeed later (``is_transient``), re-fetched by ``refetch_transient``
+_STATUS_COLUMNS = ["key", "url", "status", "reason", "http_status", "error_message", "attempts", "transient"]
+_STATUS_COLUMNS += ["bytes", "ext", "width", "height", "original_width", "original_height", "sha256"]
 _INT_COLUMNS = ["http_status", "attempts", "bytes", "width", "height", "original_width", "original_height"]
-_STATUS_DTYPES = {c: ("Int64" if c in _INT_COLUMNS else "string") for c in _STATUS_COLUMNS}
-
-
-class _Failure(Exception):
-    def __init__(self, reason: str, message: str = "", http_status: int | None = None):
-        super().__init__(message or reason)
-        self.reason, self.http_status = reason, http_status
+_STATUS_DTYPES = {c: ("Int64" if c in _INT_COLUMNS else "string") for c in _STATUS_COLUMNS} | {"transient": "boolean"}
 
 
 _TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
@@ -130,6 +125,11 @@ def process_image(
         ext = FORMAT_EXT.get(image.format or "", "img")
         width, height = image.size
         return data, ext, {"original_width": width, "original_height": height, "width": width, "height": height}
+    if reencode == "if_resized" and is_canonical(image, data):  # stored as served unless resized (no conversion)
+        width, height = image.size  # upright: a canonical image has no orientation tag
+        if resize_max_side is None or max(width, height) <= resize_max_side:
+            sizes = {"original_width": width, "original_height": height, "width": width, "height": height}
+            return data, FORMAT_EXT[image.format], sizes
     upright = canonical_image(image)
     width, height = upright.size
     sizes = {"original_width": width, "original_height": height, "width": width, "height": height}
@@ -160,153 +160,32 @@ def _json_value(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-async def _download(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
-    """Body of a GET, failing fast on a non-200 status or past ``max_bytes``.
-
-    The body is read raw and decoded here (gzip / deflate, ``BoundedInflater``), so the decoded bytes are bounded
-    as they are produced. A body that ends before its Content-Length is ``truncated``.
-    """
-    async with client.stream("GET", url) as response:
-        if response.status_code != 200:
-            raise _Failure(f"http_{response.status_code}", http_status=response.status_code)
-        length = response.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise _Failure("too_large", f"content-length {length} > {max_bytes}")
-        encoding = response.headers.get("content-encoding", "identity").strip().lower() or "identity"
-        encoding = "gzip" if encoding == "x-gzip" else encoding
-        if encoding not in ("identity", "gzip", "deflate"):
-            raise _Failure("bad_encoding", f"content-encoding {encoding!r} (only gzip and deflate are accepted)")
-        inflater, received = BoundedInflater(encoding, max_bytes), 0
-        try:
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                inflater.feed(chunk)
-            return inflater.finish()
-        except httpx.RemoteProtocolError as exc:
-            if length is not None and length.isdigit() and received < int(length):
-                raise _Failure("truncated", f"body ended after {received} of {length} bytes") from exc
-            raise
-        except ValueError as exc:
-            raise _Failure("too_large", f"decoded body > {max_bytes} bytes") from exc
-        except (zlib.error, EOFError) as exc:
-            raise _Failure("bad_encoding", f"{encoding} body: {type(exc).__name__}: {exc}") from exc
-
-
-def _is_public(address: str, allowed: tuple) -> bool:
-    """True for a global unicast address, or one inside an allowed network (``allow_private_addresses``)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in net for net in allowed):
-        return True
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback or ip.is_link_local)
-
-
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore network backend that resolves the host itself and connects only when EVERY DNS answer is a public
-    address (or in ``allowed``), to the checked address: loopback, private, link-local (the cloud metadata
-    service 169.254.169.254 included), reserved and multicast targets are refused as ``blocked_address``. Every
-    connection goes through here, so the check also holds after each redirect."""
-
-    def __init__(self, allowed: tuple):
-        self.allowed, self.inner = allowed, httpcore.AnyIOBackend()
-
-    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        blocked = [a for a in addresses if not _is_public(a, self.allowed)]
-        if blocked:
-            message = f"{host} resolves to non-public address {blocked[0]} (set allow_private_addresses to fetch it)"
-            raise _Failure("blocked_address", message)
-        error: Exception = httpcore.ConnectError(f"no address for {host}")
-        for address in addresses:
-            try:
-                return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
-            except httpcore.ConnectError as exc:
-                error = exc
-        raise error
-
-    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        raise _Failure("blocked_address", "unix sockets are not fetched")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
-
-
-def _allowed_networks(allow_private_addresses: bool | list[str]) -> tuple:
-    if allow_private_addresses is True:
-        return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
-    if allow_private_addresses is False or allow_private_addresses is None:
-        return ()
-    try:
-        return tuple(ipaddress.ip_network(n, strict=False) for n in allow_private_addresses)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"allow_private_addresses: expected true/false or a list of networks ({exc})") from exc
-
-
-def _client(limits: httpx.Limits, allowed: tuple, opts: dict[str, Any]) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-    transport._pool = httpcore.AsyncConnectionPool(  # httpx has no network_backend argument: same pool, guarded
-        ssl_context=httpx.create_ssl_context(trust_env=False),
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        network_backend=_GuardedBackend(allowed),
-    )
-    headers = {"User-Agent": opts["user_agent"], "Accept-Encoding": "gzip, deflate"}
-    return httpx.AsyncClient(
-        transport=transport, follow_redirects=True, max_redirects=opts["max_redirects"], timeout=opts["timeout"],
-        headers=headers, trust_env=False,
-    )  # fmt: skip
-
-
-def _classify(exc: Exception) -> _Failure:
-    if isinstance(exc, _Failure):
-        return exc
-    table = [
-        (httpx.TooManyRedirects, "redirect_loop"),
-        (httpx.UnsupportedProtocol, "bad_scheme"),
-        (httpx.InvalidURL, "bad_url"),
-        ((httpx.TimeoutException, asyncio.TimeoutError, TimeoutError), "timeout"),
-        ((httpx.NetworkError, httpx.RemoteProtocolError, httpx.ProxyError), "connection_error"),
-        (httpx.DecodingError, "bad_encoding"),
-    ]
-    reason = next((r for types, r in table if isinstance(exc, types)), "error")
-    return _Failure(reason, clean_message(f"{type(exc).__name__}: {exc}"))
-
-
 class _Fetcher:
     """One fetch run: per-row download with retries, then decoding in a worker thread.
 
-    Each attempt first takes a free connection slot of one client (``slots``: every client appears once per
-    connection it may open), then starts its deadline: a request never waits on a pool inside its ``timeout``, so
-    fast URLs do not time out behind slow ones.
+    Each attempt first takes one of ``concurrency`` connection slots (the session's connection limit), then starts
+    its deadline: a request never waits on the pool inside its ``timeout``, so fast URLs do not time out behind
+    slow ones.
     """
 
-    def __init__(self, clients: list[httpx.AsyncClient], per_client: list[int], opts: dict[str, Any]):
-        self.opts = opts
-        self.slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
-        for client, n in zip(clients, per_client, strict=True):
-            for _ in range(n):
-                self.slots.put_nowait(client)
+    def __init__(self, client, opts: dict[str, Any]):
+        self.client, self.opts = client, opts
+        self.slots = asyncio.Semaphore(opts["concurrency"])
 
     async def _attempts(self, url: str) -> tuple[bytes, int]:
         retries, backoff, timeout = self.opts["retries"], self.opts["backoff"], self.opts["timeout"]
         for attempt in range(retries + 1):
-            client = await self.slots.get()  # outside the deadline
+            await self.slots.acquire()  # outside the deadline
             try:
-                return await asyncio.wait_for(_download(client, url, self.opts["max_bytes"]), timeout), attempt
+                body = download(self.client, url, self.opts["max_bytes"], self.opts["max_redirects"])
+                return await asyncio.wait_for(body, timeout), attempt
             except Exception as exc:  # every failure is classified into a manifest reason
-                failure = _classify(exc)
+                failure = classify(exc)
                 failure.attempts = attempt + 1
-                retry = failure.reason in RETRYABLE or failure.reason.startswith("http_5")
-                if not retry or attempt == retries:
+                if not is_transient(failure.reason) or attempt == retries:
                     raise failure from exc
             finally:
-                self.slots.put_nowait(client)
+                self.slots.release()
             await asyncio.sleep(backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -315,7 +194,7 @@ class _Fetcher:
         record: dict[str, Any] = {"key": key, "url": url, "status": "failed", "attempts": 0}
         try:
             if urlsplit(url).scheme.lower() not in ("http", "https"):
-                raise _Failure("bad_scheme", f"scheme {urlsplit(url).scheme!r} not allowed")
+                raise Failure("bad_scheme", f"scheme {urlsplit(url).scheme!r} not allowed")
             data, attempt = await self._attempts(url)
             record["attempts"] = attempt + 1
             stored, ext, sizes = await asyncio.to_thread(
@@ -324,13 +203,15 @@ class _Fetcher:
             )  # fmt: skip
         except Exception as exc:  # per-row errors never stop the fetch: a failure row with its reason
             reason = getattr(exc, "reason", "process_error")
-            message = str(exc) if isinstance(exc, (_Failure, ImageCheckError)) else f"{type(exc).__name__}: {exc}"
+            message = str(exc) if isinstance(exc, (Failure, ImageCheckError)) else f"{type(exc).__name__}: {exc}"
             record.update(reason=reason, error_message=clean_message(message))
             record.update(http_status=getattr(exc, "http_status", None))
             record["attempts"] = getattr(exc, "attempts", record["attempts"])
+            record["transient"] = is_transient(reason)
             return record
         sha = hashlib.sha256(stored).hexdigest()
         record.update(status="success", data=stored, ext=ext, bytes=len(stored), sha256=sha, http_status=200, **sizes)
+        record["transient"] = False
         return record
 
 
@@ -346,55 +227,166 @@ def _sample_fields(record: dict[str, Any], row: dict[str, Any], caption_col: str
     return fields
 
 
-async def _run(table, shards, out_dir, opts, on_shard_done) -> None:
-    """Fetch the rows of ``shards`` through a sliding window and publish each shard when its last row is in."""
-    n, size, url_col = len(table), opts["shard_size"], opts["url_col"]
-    rows = [r for s in shards for r in range(s * size, min((s + 1) * size, n))]
-    # httpcore's pool scans every connection for every queued request, so its cost grows with the square of the
-    # pool size: several small clients (<= 8 connections each) keep that overhead flat at high concurrency.
-    n_clients = -(-opts["concurrency"] // _CONNECTIONS_PER_CLIENT)
-    per_client = [len(range(c, opts["concurrency"], n_clients)) for c in range(n_clients)]  # sums to concurrency
-    allowed = _allowed_networks(opts["allow_private_addresses"])
-    async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for k in per_client:
-            limits = httpx.Limits(max_connections=k, max_keepalive_connections=k)
-            clients.append(await stack.enter_async_context(_client(limits, allowed, opts)))
-        fetcher, window, pending = _Fetcher(clients, per_client, opts), collections.deque(), iter(rows)
-        writer, status = None, []
+def _tar_template() -> bytes:
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o644, 0, 0, "", ""
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+_TAR_TEMPLATE = _tar_template()
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    """One member of a GNU tar, byte for byte as ``AtomicTarWriter.write`` stores it (mode 644, mtime 0, uid/gid 0,
+    no user names): the template header with name, size and checksum filled in (the header fields tarfile writes
+    for names under 100 bytes), the data, NUL padding to a 512-byte block. tarfile itself costs ~0.1 ms a member."""
+    raw = name.encode()
+    if len(raw) >= 100 or len(data) >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+        header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    else:
+        block = bytearray(_TAR_TEMPLATE)
+        block[0:100] = raw.ljust(100, b"\0")
+        block[124:136] = b"%011o\0" % len(data)
+        block[148:156] = b" " * 8  # the checksum counts its own field as spaces
+        block[148:155] = b"%06o\0" % sum(block)
+        header = bytes(block)
+    return header + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+class _ShardBuffer:
+    """The finished rows of one raw shard, gathered in any order: status records in memory, each sample's tar
+    members appended to a spill file (``.<shard>.spill.tmp-<pid>``: a killed run's spill goes with the other stale
+    temps).
+
+    ``publish`` writes the tar (members in row order, then tarfile's end blocks and record padding), then the status
+    table, each atomically, so the shard's bytes depend on the table and the servers' answers only, never on the
+    order in which the rows finished, and equal those of ``AtomicTarWriter`` given the same samples.
+    """
+
+    def __init__(self, out_dir: Path, shard: int, rows: range):
+        self.out_dir, self.shard, self.rows = out_dir, shard, rows
+        self.status: dict[int, dict[str, Any]] = {}
+        self.index: dict[int, tuple[int, int]] = {}  # row -> (offset, length) of its members in the spill
+        self.spill_path = out_dir / f".{shard:06d}.spill.tmp-{os.getpid()}"
+        self.spill: io.BufferedRandom | None = None
+        self.spilled = 0
+
+    def add(self, row: int, status: dict[str, Any], fields: dict[str, bytes] | None) -> None:
+        self.status[row] = status
+        if fields:
+            self.spill = self.spill or open(self.spill_path, "w+b")  # noqa: SIM115 (closed by publish / close)
+            members = b"".join(_tar_member(f"{status['key']}.{ext}", fields[ext]) for ext in sorted(fields))
+            self.spill.write(members)
+            self.index[row] = (self.spilled, len(members))
+            self.spilled += len(members)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.status) == len(self.rows)
+
+    def publish(self) -> None:
+        path = raw_tar_path(self.out_dir, self.shard)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as out:
+                if self.spill is not None:
+                    self.spill.flush()
+                for r in self.rows:
+                    if r in self.index:
+                        at, n = self.index[r]
+                        out.write(os.pread(self.spill.fileno(), n, at))
+                end = out.tell() + 2 * tarfile.BLOCKSIZE  # tarfile's close: two zero blocks, then a full record
+                out.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+        frame = pd.DataFrame([self.status[r] for r in self.rows], columns=_STATUS_COLUMNS).astype(_STATUS_DTYPES)
+        write_parquet_atomic(frame, raw_status_path(self.out_dir, self.shard))
+        self.close()
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+        self.spill_path.unlink(missing_ok=True)
+
+
+class _Job:
+    """Rows ``todo`` of raw shard ``shard`` to fetch; ``buffer`` may already hold the shard's other rows."""
+
+    def __init__(self, shard: int, todo: list[int], buffer: _ShardBuffer):
+        self.shard, self.todo, self.buffer = shard, todo, buffer
+        self.rows: list[dict[str, Any]] | None = None  # the table rows of the shard, while it is open
+
+
+async def _fetch_job_row(fetcher: _Fetcher, job: _Job, r: int, opts: dict[str, Any]):
+    key, url = f"{r:0{opts['key_digits']}d}", job.rows[r - job.buffer.rows.start][opts["url_col"]]
+    return job, r, await fetcher.fetch_row(key, str(url))
+
+
+async def _run(table: pd.DataFrame, jobs: list[_Job], opts: dict[str, Any], on_shard_done) -> None:
+    """Fetch the rows of ``jobs``; rows finish in any order and each shard is published when its last row is in.
+
+    Invariants: at most ``2 * concurrency`` rows in flight; rows start in table order, and a shard opens (its rows
+    may start) only while fewer than ``MAX_OPEN_SHARDS`` shards holding fewer than ``LOOKAHEAD_PER_CONNECTION *
+    concurrency`` rows to fetch are open: a dead URL holds one connection for its deadlines, never the others.
+    """
+    lookahead, window = LOOKAHEAD_PER_CONNECTION * opts["concurrency"], 2 * opts["concurrency"]
+    queue = collections.deque((job, r) for job in jobs for r in job.todo)  # table order
+    async with session(opts) as client:
+        fetcher, pending, open_jobs, finished = _Fetcher(client, opts), set(), {}, asyncio.Queue()
         try:
             while True:
-                while len(window) < 2 * opts["concurrency"] and (r := next(pending, None)) is not None:
-                    key = f"{r:0{opts['key_digits']}d}"
-                    window.append((r, asyncio.ensure_future(fetcher.fetch_row(key, str(table.at[r, url_col])))))
-                if not window:
+                while queue and len(pending) < window:
+                    job, r = queue[0]
+                    if job.shard not in open_jobs:
+                        held = sum(len(j.todo) for j in open_jobs.values())
+                        if open_jobs and (len(open_jobs) >= MAX_OPEN_SHARDS or held >= lookahead):
+                            break
+                        rows = job.buffer.rows
+                        job.rows = table.iloc[rows.start : rows.stop].to_dict("records")
+                        open_jobs[job.shard] = job
+                    queue.popleft()
+                    task = asyncio.ensure_future(_fetch_job_row(fetcher, job, r, opts))
+                    task.add_done_callback(finished.put_nowait)  # O(1) per row, unlike asyncio.wait on the set
+                    pending.add(task)
+                if not pending:
                     break
-                r, task = window.popleft()
-                record = await task
-                s = r // size
-                writer = writer or AtomicTarWriter(raw_tar_path(out_dir, s))
-                if record["status"] == "success":
-                    writer.write(record["key"], _sample_fields(record, table.iloc[r].to_dict(), opts["caption_col"]))
-                status.append({c: record.get(c) for c in _STATUS_COLUMNS})
-                if r == min((s + 1) * size, n) - 1:  # last row of shard s: publish tar, then its status table
-                    writer.commit()
-                    frame = pd.DataFrame(status, columns=_STATUS_COLUMNS).astype(_STATUS_DTYPES)
-                    write_parquet_atomic(frame, raw_status_path(out_dir, s))
-                    writer, status = None, []
-                    if on_shard_done is not None:
-                        on_shard_done(s)
+                done = [await finished.get()]
+                while not finished.empty():
+                    done.append(finished.get_nowait())
+                for task in done:
+                    pending.discard(task)
+                    job, r, record = task.result()
+                    fields = None
+                    if record["status"] == "success":
+                        row = job.rows[r - job.buffer.rows.start]
+                        fields = _sample_fields(record, row, opts["caption_col"])
+                    job.buffer.add(r, {c: record.get(c) for c in _STATUS_COLUMNS}, fields)
+                    if job.buffer.complete:
+                        await asyncio.to_thread(job.buffer.publish)
+                        del open_jobs[job.shard]
+                        on_shard_done(job.shard)
         finally:
-            for _, task in window:
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*(t for _, t in window), return_exceptions=True)
-            if writer is not None:
-                writer.abort()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for job in open_jobs.values():
+                job.buffer.close()
 
 
-def _report(out_dir: Path, n_rows: int, n_shards: int, processed: list[int], elapsed: float) -> dict[str, Any]:
+def _report(out_dir: Path, n_rows: int, n_shards: int, processed: list[int], fetched: int, elapsed: float):
     frames = {s: pd.read_parquet(raw_status_path(out_dir, s)) for s in range(n_shards)}
     status = pd.concat(frames.values(), ignore_index=True) if frames else pd.DataFrame(columns=_STATUS_COLUMNS)
     ok = status["status"] == "success"
+    transient = ~ok & status["reason"].map(is_transient).astype(bool)
+    with_transient = [s for s, f in frames.items() if (f["status"] != "success").any() and _transient_rows(f).any()]
     run = pd.concat([frames[s] for s in processed], ignore_index=True) if processed else status[:0]
     run_bytes = float(run.loc[run["status"] == "success", "bytes"].sum())
     return {
@@ -403,21 +395,45 @@ def _report(out_dir: Path, n_rows: int, n_shards: int, processed: list[int], ela
         "shards_skipped": n_shards - len(processed),
         "success": int(ok.sum()),
         "failed": int((~ok).sum()),
+        "transient": int(transient.sum()),
+        "shards_with_transient": with_transient,
         "reasons": {str(k): int(v) for k, v in status.loc[~ok, "reason"].value_counts().sort_index().items()},
         "bytes": int(status.loc[ok, "bytes"].sum()),
         "this_run": {
             "rows": len(run),
+            "fetched": fetched,
             "elapsed_s": elapsed,
-            "urls_per_s": len(run) / max(elapsed, 1e-9),
+            "urls_per_s": fetched / max(elapsed, 1e-9),
             "mb_per_s": run_bytes / 1e6 / max(elapsed, 1e-9),
         },
     }
 
 
+def _transient_rows(status: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the transient failures of a status table (derived from ``reason`` in tables without the
+    ``transient`` column, written before it existed)."""
+    failed = status["status"] != "success"
+    if "transient" in status.columns:
+        return failed & status["transient"].fillna(False).astype(bool)
+    return failed & status["reason"].map(is_transient).astype(bool)
+
+
+def _table_digest(path: Path) -> str:
+    """sha256 of a table file read in chunks, or of a folder's table parts (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    parts = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in _TABLE_SUFFIXES)
+    for part in parts:
+        if path.is_dir():
+            digest.update(f"{part.name}\0{part.stat().st_size}\0".encode())
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_input(out_dir: Path, table_path: Path, n_rows: int, shard_size: int) -> None:
     """Refuse to resume over shards made from another table or shard size (their row ranges would not match)."""
-    record = {"table_sha256": hashlib.sha256(table_path.read_bytes()).hexdigest(), "rows": n_rows}
-    record["shard_size"] = shard_size
+    record = {"table_sha256": _table_digest(table_path), "rows": n_rows, "shard_size": shard_size}
     marker = out_dir / "fetch_input.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
@@ -425,6 +441,31 @@ def _check_input(out_dir: Path, table_path: Path, n_rows: int, shard_size: int) 
             raise ValueError(f"{out_dir} holds a fetch of another input ({previous} != {record}); use a new out_dir")
     else:
         atomic_write_bytes(marker, json.dumps(record, sort_keys=True).encode())
+
+
+def _refetch_job(out_dir: Path, shard: int, rows: range) -> _Job | None:
+    """A job that re-fetches the transient failures of complete shard ``shard``, its buffer holding every other
+    row as published (status record and sample fields read back from the tar); None when there is none."""
+    status = pd.read_parquet(raw_status_path(out_dir, shard))
+    if len(status) != len(rows):
+        raise ValueError(f"{raw_status_path(out_dir, shard)}: {len(status)} status rows, expected {len(rows)}")
+    redo = _transient_rows(status).to_numpy()
+    if not redo.any():
+        return None
+    if "transient" not in status.columns:
+        status["transient"] = (status["status"] != "success") & status["reason"].map(is_transient).astype(bool)
+    records = status.reindex(columns=_STATUS_COLUMNS).astype(object)
+    records = records.where(records.notna(), None).to_dict("records")
+    buffer = _ShardBuffer(out_dir, shard, rows)
+    kept = {rec["key"]: (r, rec) for r, rec, again in zip(rows, records, redo, strict=True) if not again}
+    with tarfile.open(raw_tar_path(out_dir, shard)) as tar:  # members grouped by key: one sample in memory
+        for key, members in itertools.groupby(tar, key=lambda m: m.name.split(".", 1)[0]):
+            fields = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in members}
+            if key in kept:
+                buffer.add(*kept.pop(key), fields)
+    for r, record in kept.values():  # the kept rows without a sample (permanent failures)
+        buffer.add(r, record, None)
+    return _Job(shard, [r for r, again in zip(rows, redo, strict=True) if again], buffer)
 
 
 def fetch_urls(
@@ -451,48 +492,81 @@ def fetch_urls(
 ) -> dict[str, Any]:
     """Fetch every row of a URL table into raw shards; returns the fetch report (also written to JSON).
 
-    Every row ends as a sample or as a failure row with its reason. ``reencode``: ``never`` (store the served
-    bytes; incompatible with ``resize_max_side``), ``if_resized`` (img2dataset's ``--skip_reencode``) or ``always``.
-    ``timeout`` is the deadline of one attempt (the wait for a free connection is not part of it);
-    ``on_shard_done(shard_index)`` runs after each published shard. ``allow_private_addresses``: False (default:
-    URLs and redirects to loopback, private, link-local or reserved addresses fail as ``blocked_address``), True
-    (allow all) or a list of networks (CIDR strings) to allow, e.g. an internal mirror.
+    Every row ends as a sample or as a failure row with its reason and class (``transient``: timeout, connection
+    error, 408, 429, 5xx; see ``refetch_transient``). Published shards are skipped. ``reencode``: ``never`` (store
+    the served bytes; incompatible with ``resize_max_side``), ``if_resized`` (img2dataset's ``--skip_reencode``) or
+    ``always``. ``timeout`` is the deadline of one attempt (the wait for a free connection is not part of it);
+    ``on_shard_done(shard_index)`` runs after each published shard (shards finish in any order).
+    ``allow_private_addresses``: False (default: URLs and redirects to loopback, private, link-local or reserved
+    addresses fail as ``blocked_address``), True (allow all) or a list of networks (CIDR strings) to allow.
     """
-    _allowed_networks(allow_private_addresses)  # a bad value fails before any work
-    if reencode not in ("never", "if_resized", "always"):
-        raise ValueError(f"reencode must be never, if_resized or always, got {reencode!r}")
-    if reencode == "never" and resize_max_side is not None:
+    options = {k: v for k, v in locals().items() if k not in ("url_table_path", "out_dir")}
+    return _fetch(Path(url_table_path), Path(out_dir), options, refetch=False, shards=None)
+
+
+def refetch_transient(
+    url_table_path: str | Path, out_dir: str | Path, *, shards: list[int] | None = None, **options: Any
+) -> dict[str, Any]:
+    """Re-fetch the transient failures of the complete raw shards of ``out_dir`` (all, or those of ``shards``).
+
+    ``options`` are those of ``fetch_urls`` (same defaults; the table and ``shard_size`` must be those of the first
+    run). Each shard holding a transient failure is rewritten atomically (tar, then status table): a row that
+    succeeds now is stored exactly as a first-time success (same tar and status bytes as a clean run where it
+    succeeded at once), a row that fails again keeps its new failure; every other row is kept as published.
+    Incomplete shards are left to ``fetch_urls``. Returns the fetch report (``this_run.fetched``: rows requested).
+    """
+    bound = inspect.signature(fetch_urls).bind(url_table_path, out_dir, **options)
+    bound.apply_defaults()
+    options = {k: v for k, v in bound.arguments.items() if k not in ("url_table_path", "out_dir")}
+    return _fetch(Path(url_table_path), Path(out_dir), options, refetch=True, shards=shards)
+
+
+def _fetch(table_path: Path, out_dir: Path, options: dict, refetch: bool, shards: list[int] | None) -> dict:
+    """``fetch_urls`` (``refetch`` False) or ``refetch_transient`` of ``shards`` (None: every complete shard)."""
+    opts = dict(options)
+    allowed_networks(opts["allow_private_addresses"])  # a bad value fails before any work
+    if opts["reencode"] not in ("never", "if_resized", "always"):
+        raise ValueError(f"reencode must be never, if_resized or always, got {opts['reencode']!r}")
+    if opts["reencode"] == "never" and opts["resize_max_side"] is not None:
         raise ValueError("resize_max_side needs re-encoding: use reencode='if_resized' or 'always'")
-    if encode_format not in ("jpg", "png") or shard_size < 1 or concurrency < 1 or retries < 0:
-        raise ValueError(f"bad fetch options: encode_format={encode_format!r} shard_size={shard_size}")
-    table_path, out_dir = Path(url_table_path), Path(out_dir)
-    table = read_url_table(table_path, url_col)
-    if caption_col is not None and caption_col not in table.columns:
-        logger.warning("URL table %s has no caption column %r; captions left empty", table_path, caption_col)
-        caption_col = None
-    if len(table) >= 10**key_digits:
-        raise ValueError(f"{len(table)} rows do not fit keys of {key_digits} digits")
+    size, concurrency = opts["shard_size"], opts["concurrency"]
+    if opts["encode_format"] not in ("jpg", "png") or size < 1 or concurrency < 1 or opts["retries"] < 0:
+        raise ValueError(f"bad fetch options: encode_format={opts['encode_format']!r} shard_size={size}")
+    table = read_url_table(table_path, opts["url_col"])
+    if opts["caption_col"] is not None and opts["caption_col"] not in table.columns:
+        logger.warning("URL table %s has no caption column %r; captions left empty", table_path, opts["caption_col"])
+        opts["caption_col"] = None
+    if len(table) >= 10 ** opts["key_digits"]:
+        raise ValueError(f"{len(table)} rows do not fit keys of {opts['key_digits']} digits")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_input(out_dir, table_path, len(table), shard_size)
+    _check_input(out_dir, table_path, len(table), size)
     remove_stale_temps(out_dir)
-    n_shards = -(-len(table) // shard_size)
-    todo = [s for s in range(n_shards) if not raw_shard_complete(out_dir, s)]
-    logger.info("fetch %s: %d rows, %d shards, %d to do", table_path, len(table), n_shards, len(todo))
-    opts = {"url_col": url_col, "caption_col": caption_col, "shard_size": shard_size, "timeout": timeout}
-    opts.update({"retries": retries, "backoff": backoff, "max_bytes": max_bytes, "max_pixels": max_pixels})
-    opts.update({"max_redirects": max_redirects, "resize_max_side": resize_max_side, "reencode": reencode})
-    opts.update({"encode_format": encode_format, "concurrency": concurrency, "user_agent": user_agent})
-    opts.update(key_digits=key_digits, allow_private_addresses=allow_private_addresses)
-    start = time.perf_counter()
+    n_shards = -(-len(table) // size)
+    ranges = [range(s * size, min((s + 1) * size, len(table))) for s in range(n_shards)]
+    if not refetch:
+        todo = [s for s in range(n_shards) if not raw_shard_complete(out_dir, s)]
+        jobs = [_Job(s, list(ranges[s]), _ShardBuffer(out_dir, s, ranges[s])) for s in todo]
+    else:
+        chosen = [s for s in (range(n_shards) if shards is None else shards) if raw_shard_complete(out_dir, s)]
+        jobs = [j for s in chosen if (j := _refetch_job(out_dir, s, ranges[s])) is not None]
+    fetched = sum(len(j.todo) for j in jobs)
+    logger.info(
+        "fetch %s: %d rows, %d shards, %d rows in %d to do", table_path, len(table), n_shards, fetched, len(jobs)
+    )
     processed: list[int] = []
 
     def done(s: int) -> None:
         processed.append(s)
-        if on_shard_done is not None:
-            on_shard_done(s)
+        if opts["on_shard_done"] is not None:
+            opts["on_shard_done"](s)
 
-    asyncio.run(_run(table, todo, out_dir, opts, done))
-    report = _report(out_dir, len(table), n_shards, processed, time.perf_counter() - start)
+    start = time.perf_counter()
+    try:
+        asyncio.run(_run(table, jobs, opts, done))
+    finally:
+        for job in jobs:
+            job.buffer.close()
+    report = _report(out_dir, len(table), n_shards, processed, fetched, time.perf_counter() - start)
     atomic_write_bytes(out_dir / "fetch_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     logger.info("fetch report: %s", report)
     return report

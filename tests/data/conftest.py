@@ -66,8 +66,9 @@ class ImageServer:
     /slow/<name> (sleeps ``slow_s`` before answering), /truncated.jpg, /page.html, /bomb.png, /large.bin,
     /loop (redirects to itself), /redirect/<name> (302 to /img/<name>), /short.jpg (a body shorter than its
     Content-Length, then the connection closes), /gzip-bomb (a gzip Content-Encoding body that inflates to
-    ``bomb_mb`` MB of zeros), /to-metadata (302 to the cloud metadata address 169.254.169.254). The User-Agent of
-    every request is recorded in ``agents``."""
+    ``bomb_mb`` MB of zeros), /to-metadata (302 to the cloud metadata address 169.254.169.254), /status/<code>
+    (that HTTP status), /outage/<name> (503 while ``outage`` is set, else the image), /dead/<n> (never answers:
+    waits until ``release`` is set or ``dead_s``). The User-Agent of every request is recorded in ``agents``."""
 
     def __init__(self, images: dict[str, bytes], slow_s: float = 2.0):
         self.images, self.slow_s = images, slow_s
@@ -75,6 +76,7 @@ class ImageServer:
         self.hits: dict[str, int] = {}
         self.agents: list[str] = []
         self.bomb_mb = 300
+        self.outage, self.release, self.dead_s = False, threading.Event(), 60.0
         self.lock = threading.Lock()
         server = self
 
@@ -127,6 +129,12 @@ class ImageServer:
             self.send(h, 302, b"", "text/plain", {"Location": f"/img/{name}"})
         elif path == "/loop":
             self.send(h, 302, b"", "text/plain", {"Location": "/loop"})
+        elif path.startswith("/status/"):
+            self.send(h, int(name), b"status", "text/plain")
+        elif path.startswith("/outage/") and name in self.images:
+            self.send(h, 503, b"down", "text/plain") if self.outage else self.send(h, 200, self.images[name])
+        elif path.startswith("/dead/"):
+            self.release.wait(self.dead_s)
         elif path == "/always500":
             self.send(h, 500, b"down", "text/plain")
         elif path == "/truncated.jpg":
@@ -153,6 +161,7 @@ class ImageServer:
             self.send(h, 404, b"not found", "text/plain")
 
     def close(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from franca.data.fetch import fetch_urls
+from franca.data.fetch import fetch_urls, refetch_transient
 from franca.data.manifest import canonicalise, read_manifest
 
 FAST = {"timeout": 0.5, "retries": 1, "backoff": 0.01, "concurrency": 8, "max_pixels": 4_000_000}
@@ -34,6 +35,11 @@ def hostile_table(server, tmp_path, fmt="parquet"):
         (server.url("/large.bin"), "too_large"),
         ("file:///etc/hostname", "bad_scheme"),
         ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
+        (server.url("/status/503"), "http_503"),
+        (server.url("/status/429"), "http_429"),
+        (server.url("/status/408"), "http_408"),
+        (server.url("/status/403"), "http_403"),
+        (server.url("/status/410"), "http_410"),
     ]
     table = pd.DataFrame(
         {
@@ -69,6 +75,13 @@ def test_every_url_ends_as_sample_or_reasoned_failure(image_server, served_image
     assert json.loads((out / "fetch_report.json").read_text())["reasons"] == report["reasons"]
     # retried once: the flaky URL needed two attempts
     assert status.loc[status["url"].str.contains("flaky"), "attempts"].item() == 2
+    # failure classes: timeouts, 408, 429 and 5xx are transient (tried retries + 1 times), every other failure is
+    # permanent (tried once; bad schemes never)
+    transient = {"timeout", "http_500", "http_503", "http_429", "http_408"}
+    assert status["transient"].tolist() == [e in transient for e in expected]
+    assert report["transient"] == len(transient) and report["shards_with_transient"] == [1, 2]
+    tried = {e: a for e, a in zip(expected, status["attempts"], strict=True) if e != "ok"}
+    assert tried == {e: (2 if e in transient else 0 if e == "bad_scheme" else 1) for e in tried}
     members = {}
     for shard in sorted(out.glob("*.tar")):
         members.update(tar_members(shard))
@@ -102,7 +115,6 @@ def test_resize_and_reencode(image_server, tmp_path):
 
 def test_interrupted_fetch_resumes_to_identical_shards(image_server, tmp_path):
     urls = [image_server.url(f"/img/{i % 20:03d}.jpg") for i in range(22)]
-    # the flaky URL sits in shard 0, which the interrupted run completes (no stray retry can race a reset)
     urls[2], urls[12], urls[17] = image_server.url("/flaky/005.jpg"), image_server.url("/404"), "file:///x"
     pd.DataFrame({"url": urls, "caption": [f"c{i}" for i in range(22)]}).to_parquet(tmp_path / "u.parquet")
     kwargs = {"shard_size": 5, "reencode": "never", **FAST}
@@ -113,7 +125,8 @@ def test_interrupted_fetch_resumes_to_identical_shards(image_server, tmp_path):
     image_server.reset()
     with pytest.raises(KeyboardInterrupt):
         fetch_urls(tmp_path / "u.parquet", tmp_path / "resumed", on_shard_done=stop_after_first, **kwargs)
-    assert sorted(p.name for p in (tmp_path / "resumed").glob("*.tar")) == ["000000.tar"]
+    assert len(list((tmp_path / "resumed").glob("*.tar"))) == 1  # shards finish in any order: one was published
+    assert not list((tmp_path / "resumed").glob(".*"))  # the interrupted shards' spill files are gone
     (tmp_path / "resumed" / ".000003.tar.tmp-99999").write_bytes(b"half a shard")  # a killed writer's leftover
     image_server.reset()
     report = fetch_urls(tmp_path / "u.parquet", tmp_path / "resumed", **kwargs)
@@ -175,3 +188,104 @@ def test_url_table_folder_reads_parts_in_name_order(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no .parquet"):
         read_url_table(empty)
+
+
+def test_dead_urls_hold_their_own_connection_only(image_server, tmp_path):
+    """Dead URLs (never answer) at the head of four shards: the other shards finish and are published while they
+    wait, and the run lasts about one dead URL's deadline, not one per dead URL (the in-order window of before
+    published shard 0 first and waited 3 deadlines)."""
+    n, size = 80, 10
+    urls = [image_server.url(f"/img/{i % 20:03d}.jpg") for i in range(n)]
+    for s in range(4):
+        urls[s * size] = image_server.url(f"/dead/{s}")
+    pd.DataFrame({"url": urls}).to_parquet(tmp_path / "u.parquet")
+    opts = {**FAST, "timeout": 1.5, "retries": 1, "backoff": 0.01}
+    deadline = opts["timeout"] * (opts["retries"] + 1) + opts["backoff"]  # one dead URL's time in the fetcher
+    order = []
+    start = time.perf_counter()
+    report = fetch_urls(tmp_path / "u.parquet", tmp_path / "raw", shard_size=size, on_shard_done=order.append, **opts)
+    elapsed = time.perf_counter() - start
+    assert report["success"] == n - 4 and report["reasons"] == {"timeout": 4} and report["transient"] == 4
+    assert sorted(order) == list(range(8)) and set(order[:4]) == {4, 5, 6, 7}  # good shards first
+    assert elapsed < 2 * deadline  # the 4 dead URLs wait side by side (4 <= concurrency), not one after another
+    status = pd.read_parquet(tmp_path / "raw" / "000002.parquet")
+    assert status["key"].tolist() == [f"{i:09d}" for i in range(20, 30)]  # row order in every shard
+    assert status["attempts"].tolist() == [2] + [1] * 9
+    with tarfile.open(tmp_path / "raw" / "000002.tar") as tar:
+        assert tar.getnames() == [f"{i:09d}.{e}" for i in range(21, 30) for e in ("jpg", "json")]
+    assert not list((tmp_path / "raw").glob(".*"))  # no spill file left
+
+
+def test_refetch_transient_rewrites_shard_as_clean_run(image_server, tmp_path):
+    """An outage (503) during the first run: the finished shards' transient rows, and only those, are fetched
+    again, and the rewritten shards are byte-identical to a run without the outage."""
+    urls = [image_server.url(f"/img/{i:03d}.jpg") for i in range(10)]
+    urls[1], urls[6], urls[7] = image_server.url("/outage/011.jpg"), image_server.url("/outage/012.jpg"), "file:///x"
+    urls[3] = image_server.url("/404")
+    pd.DataFrame({"url": urls, "caption": [f"c{i}" for i in range(10)]}).to_parquet(tmp_path / "u.parquet")
+    kwargs = {"shard_size": 4, "reencode": "if_resized", **FAST}
+    image_server.reset()
+    image_server.outage = True
+    try:
+        first = fetch_urls(tmp_path / "u.parquet", tmp_path / "run", **kwargs)
+    finally:
+        image_server.outage = False
+    assert first["reasons"] == {"bad_scheme": 1, "http_404": 1, "http_503": 2} and first["transient"] == 2
+    assert first["shards_with_transient"] == [0, 1]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix in (".tar", ".parquet")}
+    image_server.reset()
+    report = refetch_transient(tmp_path / "u.parquet", tmp_path / "run", **kwargs)
+    assert image_server.hits == {"/outage/011.jpg": 1, "/outage/012.jpg": 1}  # nothing else was requested
+    assert report["this_run"]["fetched"] == 2 and report["transient"] == 0 and report["shards_skipped"] == 1
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix in (".tar", ".parquet")}
+    assert after["000002.tar"] == before["000002.tar"] and after["000000.tar"] != before["000000.tar"]
+    fetch_urls(tmp_path / "u.parquet", tmp_path / "clean", **kwargs)
+    clean = {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir() if p.suffix in (".tar", ".parquet")}
+    assert sorted(after) == sorted(clean) and all(after[k] == clean[k] for k in clean), "refetch != clean run"
+    image_server.reset()
+    again = refetch_transient(tmp_path / "u.parquet", tmp_path / "run", **kwargs)  # nothing left to fetch
+    assert again["this_run"]["fetched"] == 0 and image_server.hits == {}
+
+
+def test_shard_buffer_writes_the_tar_of_atomic_tar_writer(tmp_path):
+    """Rows added in any order give the bytes AtomicTarWriter writes for the same samples in row order (member
+    sizes around the 512-byte blocks, empty members, rows without a sample, an empty shard)."""
+    import random
+
+    from franca.data.fetch import _STATUS_COLUMNS, _ShardBuffer
+    from franca.data.shards import AtomicTarWriter
+
+    rng = random.Random(0)
+    sizes = [0, 1, 511, 512, 513, 10_000, 70_001]
+    for trial, n in enumerate([0, 1, 7, 12]):
+        samples = {r: {e: rng.randbytes(rng.choice(sizes)) for e in rng.sample(["jpg", "json", "txt", "seg.png"], 2)}
+                   for r in range(n) if rng.random() < 0.8}  # fmt: skip
+        out = tmp_path / str(trial)
+        with AtomicTarWriter(out / "reference.tar") as writer:
+            for r in sorted(samples):
+                writer.write(f"{r:09d}", samples[r])
+        buffer = _ShardBuffer(out, 0, range(n))
+        for r in rng.sample(range(n), n):
+            buffer.add(r, {c: None for c in _STATUS_COLUMNS} | {"key": f"{r:09d}"}, samples.get(r))
+        buffer.publish()
+        assert (out / "000000.tar").read_bytes() == (out / "reference.tar").read_bytes(), f"trial {trial}"
+        assert len(pd.read_parquet(out / "000000.parquet")) == n and not list(out.glob(".*"))
+
+
+def test_open_shards_are_bounded(image_server, tmp_path, monkeypatch):
+    """Rows of a new shard start only while fewer than MAX_OPEN_SHARDS shards are gathering: at most that many
+    spill files exist at any time, and every shard is still published."""
+    import franca.data.fetch as fetch
+
+    monkeypatch.setattr(fetch, "MAX_OPEN_SHARDS", 2)
+    urls = [image_server.url(f"/img/{i % 20:03d}.jpg") for i in range(40)]
+    pd.DataFrame({"url": urls}).to_parquet(tmp_path / "u.parquet")
+    spills = []
+    out = tmp_path / "raw"
+
+    def count_spills(shard):
+        spills.append(len(list(out.glob(".*spill*"))))
+
+    opts = {**FAST, "concurrency": 16}  # a window of 32 rows: 7 shards at once without the bound
+    report = fetch_urls(tmp_path / "u.parquet", out, shard_size=5, on_shard_done=count_spills, **opts)
+    assert report["success"] == 40 and len(spills) == 8 and max(spills) <= 1  # the other open shard, at most
