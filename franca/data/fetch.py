@@ -365,7 +365,7 @@ async def _run(table, shards, out_dir, opts, on_shard_done) -> None:
         try:
             while True:
                 while len(window) < 2 * opts["concurrency"] and (r := next(pending, None)) is not None:
-                    key = f"{r:0{opts['key_digits']}d}"
+                    key = f"{r + opts['key_offset']:0{opts['key_digits']}d}"
                     window.append((r, asyncio.ensure_future(fetcher.fetch_row(key, str(table.at[r, url_col])))))
                 if not window:
                     break
@@ -414,10 +414,13 @@ def _report(out_dir: Path, n_rows: int, n_shards: int, processed: list[int], ela
     }
 
 
-def _check_input(out_dir: Path, table_path: Path, n_rows: int, shard_size: int) -> None:
-    """Refuse to resume over shards made from another table or shard size (their row ranges would not match)."""
-    record = {"table_sha256": hashlib.sha256(table_path.read_bytes()).hexdigest(), "rows": n_rows}
-    record["shard_size"] = shard_size
+def _check_input(out_dir: Path, table: pd.DataFrame, shard_size: int, key_offset: int) -> None:
+    """Refuse to resume over shards made from other rows, keys or shard size (their row ranges would not match).
+    The rows are hashed as the table was read (``franca.data.units.rows_digest``), never the files' bytes."""
+    from franca.data.units import rows_digest
+
+    record = {"rows_sha256": rows_digest(table), "rows": len(table), "shard_size": shard_size}
+    record["key_offset"] = key_offset
     marker = out_dir / "fetch_input.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
@@ -428,7 +431,7 @@ def _check_input(out_dir: Path, table_path: Path, n_rows: int, shard_size: int) 
 
 
 def fetch_urls(
-    url_table_path: str | Path,
+    url_table_path: str | Path | pd.DataFrame,
     out_dir: str | Path,
     *,
     url_col: str = "url",
@@ -447,6 +450,7 @@ def fetch_urls(
     user_agent: str = "franca-repro-fetch/1.0 (+research; img2dataset-compatible)",
     allow_private_addresses: bool | list[str] = False,
     key_digits: int = 9,
+    key_offset: int = 0,
     on_shard_done: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Fetch every row of a URL table into raw shards; returns the fetch report (also written to JSON).
@@ -456,7 +460,9 @@ def fetch_urls(
     ``timeout`` is the deadline of one attempt (the wait for a free connection is not part of it);
     ``on_shard_done(shard_index)`` runs after each published shard. ``allow_private_addresses``: False (default:
     URLs and redirects to loopback, private, link-local or reserved addresses fail as ``blocked_address``), True
-    (allow all) or a list of networks (CIDR strings) to allow, e.g. an internal mirror.
+    (allow all) or a list of networks (CIDR strings) to allow, e.g. an internal mirror. ``url_table_path`` may be
+    the rows themselves (a DataFrame: one work unit's rows, ``franca.data.units``); ``key_offset`` is then the
+    global row index of its first row, so that sample keys stay the table's row indices.
     """
     _allowed_networks(allow_private_addresses)  # a bad value fails before any work
     if reencode not in ("never", "if_resized", "always"):
@@ -465,15 +471,21 @@ def fetch_urls(
         raise ValueError("resize_max_side needs re-encoding: use reencode='if_resized' or 'always'")
     if encode_format not in ("jpg", "png") or shard_size < 1 or concurrency < 1 or retries < 0:
         raise ValueError(f"bad fetch options: encode_format={encode_format!r} shard_size={shard_size}")
-    table_path, out_dir = Path(url_table_path), Path(out_dir)
-    table = read_url_table(table_path, url_col)
+    out_dir = Path(out_dir)
+    if isinstance(url_table_path, pd.DataFrame):
+        table_path, table = "<rows>", url_table_path.reset_index(drop=True)
+        if url_col not in table.columns:
+            raise ValueError(f"URL rows have no column {url_col!r} (columns: {list(table.columns)})")
+    else:
+        table_path = Path(url_table_path)
+        table = read_url_table(table_path, url_col)
     if caption_col is not None and caption_col not in table.columns:
         logger.warning("URL table %s has no caption column %r; captions left empty", table_path, caption_col)
         caption_col = None
-    if len(table) >= 10**key_digits:
-        raise ValueError(f"{len(table)} rows do not fit keys of {key_digits} digits")
+    if key_offset < 0 or key_offset + len(table) > 10**key_digits:
+        raise ValueError(f"{key_offset + len(table)} rows do not fit keys of {key_digits} digits")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_input(out_dir, table_path, len(table), shard_size)
+    _check_input(out_dir, table, shard_size, key_offset)
     remove_stale_temps(out_dir)
     n_shards = -(-len(table) // shard_size)
     todo = [s for s in range(n_shards) if not raw_shard_complete(out_dir, s)]
@@ -482,7 +494,7 @@ def fetch_urls(
     opts.update({"retries": retries, "backoff": backoff, "max_bytes": max_bytes, "max_pixels": max_pixels})
     opts.update({"max_redirects": max_redirects, "resize_max_side": resize_max_side, "reencode": reencode})
     opts.update({"encode_format": encode_format, "concurrency": concurrency, "user_agent": user_agent})
-    opts.update(key_digits=key_digits, allow_private_addresses=allow_private_addresses)
+    opts.update(key_digits=key_digits, key_offset=key_offset, allow_private_addresses=allow_private_addresses)
     start = time.perf_counter()
     processed: list[int] = []
 
