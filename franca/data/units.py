@@ -131,6 +131,8 @@ def rows_digest(rows: pd.DataFrame) -> str:
 # --- one unit's fetch: rolling state outside the declared output, published only when complete ---------------------
 
 UNIT_KEYS = ("unit_rows", "min_success_rate", "transient_reruns")  # dataset keys of the units, not fetch options
+# keys that decide neither which rows a unit holds nor the bytes fetched for them: a change keeps the rolling state
+_NOT_IDENTITY = ("min_success_rate", "transient_reruns", "concurrency")
 
 
 def is_transient(reason: str | None) -> bool:
@@ -155,12 +157,15 @@ def fetch_options(ds: dict[str, Any]) -> dict[str, Any]:
 
 
 def unit_identity(ds: dict[str, Any], entry: dict[str, Any], rows: pd.DataFrame) -> str:
-    """sha256 of (dataset config, unit entry, the unit's own rows, code digest): the key of its rolling state."""
+    """sha256 of (dataset config, unit entry, the unit's own rows, code digest): the key of its rolling state. The
+    fetch options are part of it (a new timeout or retry count starts over); the floor, the rerun count and the
+    concurrency are not (they change no fetched byte)."""
     import json
 
     from franca.identity import code_digest
 
-    record = {"config": ds, "unit": entry, "rows": rows_digest(rows), "code": code_digest()}
+    config = {k: v for k, v in ds.items() if k not in _NOT_IDENTITY}
+    record = {"config": config, "unit": entry, "rows": rows_digest(rows), "code": code_digest()}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -93,6 +93,7 @@ def _fetch_unit(ds: dict, entry: dict, out: Path, args: argparse.Namespace) -> d
     from franca.data import units
     from franca.stages.train import rolling_dir
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request: 600 M lines at paper scale
     rows = units.read_unit_rows(entry, ds.get("url_col", "url"))
     state = rolling_dir(args.state_dir, Path(args.dataset) / entry["unit"], units.unit_identity(ds, entry, rows))
     log.info("unit %s: %d rows, state %s", entry["unit"], len(rows), state)

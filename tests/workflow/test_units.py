@@ -161,3 +161,17 @@ def test_transient_reruns_are_bounded(tmp_path, server, monkeypatch):
     with pytest.raises(SystemExit, match="0 reruns left"):
         franca(_args(tmp_path, "u000001", out, tmp_path / "state"))
     assert server.requested() == []  # its one rerun was spent in the outage; a permanent 404 is never retried
+
+
+def test_unit_identity_holds_fetch_options_and_rows_not_policy(tmp_path):
+    """The rolling state's key (issue 12's leftover: resuming ignored the fetch options): a new timeout or other rows
+    start over, a new floor, rerun count or concurrency keep the state."""
+    pd.DataFrame({"url": [f"http://x/{i}" for i in range(8)]}).to_parquet(tmp_path / "p.parquet")
+    ds = {"source": "urls", "url_list": str(tmp_path / "p.parquet"), "shard_size": 4, "timeout": 10}
+    entry = units.list_units(ds)[0]
+    rows = units.read_unit_rows(entry)
+    base = units.unit_identity(ds, entry, rows)
+    assert units.unit_identity({**ds, "timeout": 5}, entry, rows) != base
+    assert units.unit_identity(ds, entry, rows.assign(url=rows["url"] + "?v=2")) != base
+    for key, value in (("min_success_rate", 0.9), ("transient_reruns", 5), ("concurrency", 8)):
+        assert units.unit_identity({**ds, key: value}, entry, rows) == base, key

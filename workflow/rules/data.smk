@@ -61,7 +61,9 @@ rule gather:
         units=lambda w, input: " ".join(os.path.dirname(m) for m in input.manifests),
         out=lambda w, output: os.path.dirname(output.manifest),
         tags=tags("gather"),
-    localrule: True
+    threads: 1
+    resources:
+        **resources_of("gather"),
     conda:
         "../../envs/franca.yaml"
     log:
