@@ -48,6 +48,8 @@ __all__ = [
     "plan",
     "recorded_mfu",
     "rule_resources",
+    "unit_jobs",
+    "unit_resources",
     "utilisation",
 ]
 
@@ -67,11 +69,18 @@ CLUSTER_DEFAULTS = {
     "runtime_margin": 1.25,
     "cpu_flops": None,  # None: the recorded result of the row's shape on the CPU, else DEFAULT_CPU_FLOPS
     "mfu_results": str(REPO_ROOT / "benchmarks" / "results"),
+    # Per-core throughput of the unit jobs (issue 17), measured on the 2-core development machine against a loopback
+    # server: fetch 300-380 URLs/s on 2 cores (issue 17, "Why"), shard (decode, pHash, layout, canonical re-encode).
+    "fetch_urls_per_core_s": 150.0,
+    "shard_images_per_core_s": 100.0,
+    "unit_cpus": 4,  # CPUs of one fetch / shard unit job at paper scale
 }
+UNIT_STAGES = {"fetch": "fetch_urls_per_core_s", "shard": "shard_images_per_core_s"}
 # Light CPU jobs: (cpus_per_task, mem_mb, runtime in minutes) at paper scale and on the tiny preset.
 CPU_STAGES = {
     "fetch": ((16, 32_000, 24 * 60), (1, 2_000, 30)),
     "shard": ((8, 16_000, 12 * 60), (1, 2_000, 30)),
+    "gather": ((1, 4_000, 60), (1, 2_000, 15)),
     "dedup": ((16, 64_000, 12 * 60), (1, 2_000, 30)),
     "paper": ((1, 8_000, 60), (1, 2_000, 15)),
 }
@@ -237,6 +246,24 @@ def rule_resources(stage_cfg: Mapping, stage: str) -> dict:
     )
 
 
+def unit_minutes(cluster: Mapping, stage: str, rows: int, cpus: int) -> int:
+    """Wall time of one unit job: its rows at the measured per-core rate, with the runtime margin, plus 5 min."""
+    seconds = rows / (float(cluster[UNIT_STAGES[stage]]) * cpus)
+    return min(int(cluster["job_time_limit_min"]), math.ceil(seconds / 60 * cluster["runtime_margin"]) + 5)
+
+
+def unit_resources(cfg: Mapping, stage: str, ds: Mapping, units: Sequence[Mapping]) -> dict:
+    """Resources of one fetch / shard job of a dataset's work units (``franca.data.units``): the CPU-stage default
+    for a generated or local set, else ``cluster.unit_cpus`` CPUs and the wall time of its largest unit."""
+    base = rule_resources(cfg, stage)
+    if ds.get("source") != "urls":
+        return base
+    cluster = cluster_settings(cfg)
+    rows = max(int(u["stop"]) - int(u["start"]) for u in units)
+    cpus = int(cluster["unit_cpus"]) if base["cpus_per_task"] > 1 else 1
+    return {**base, "cpus_per_task": cpus, "mem_mb": 2_000 * cpus, "runtime": unit_minutes(cluster, stage, rows, cpus)}
+
+
 def dataset_storage(cfg: Mapping, name: str) -> tuple[int, int]:
     """(images, bytes) of a dataset's shards: the config's n_images / mean_image_bytes, else the stated default."""
     ds = cfg["data"]["datasets"][name]
@@ -268,6 +295,8 @@ class PlanRow:
     hours: float = 0.0  # wall-clock of the whole row
     storage_bytes: float = 0.0
     utilisation: Utilisation | None = None  # training rows: the rate used and its source
+    cpus: int = 0  # CPUs per job of a unit row
+    units: list[str] = field(default_factory=list)  # unit rows: the unit of each job
 
 
 @dataclass
@@ -359,13 +388,7 @@ def plan(
     cluster = cluster_settings(first, **cluster_overrides)
     out = Plan(preset, cluster["gpu_type"], None if cluster["mfu"] is None else float(cluster["mfu"]))
     for name in used_datasets(first):
-        n, size = dataset_storage(first, name)
-        shards = math.ceil(n / int(first["data"]["datasets"][name].get("shard_size", 10_000)))
-        for rule in ("fetch", "shard"):
-            res = rule_resources(first, rule)
-            row = PlanRow(rule, name, None, f"{shards} shards", 1, 1, 0, res["runtime"])
-            row.storage_bytes = size if rule == "shard" else 0
-            out.rows.append(row)
+        out.rows += _unit_rows(first, name, cluster)
     out.rows.append(PlanRow("dedup", "-", None, "dedup", 1, 1, 0, rule_resources(first, "dedup")["runtime"]))
     for exp, spec in experiments.items():
         for seed in spec.get("seeds", [0]):
@@ -385,6 +408,49 @@ def plan(
                     out.rows.append(_forward_row("rasa", cfg, exp, int(seed), images, size, cluster))
     out.rows.append(PlanRow("paper", "-", None, "paper", 1, 1, 0, rule_resources(first, "paper")["runtime"]))
     return out
+
+
+def dataset_units(cfg: Mapping, name: str) -> list[dict]:
+    """The dataset's work units: ``franca.data.units.list_units`` when its URL table exists, else ranges of
+    ``unit_rows`` over its configured ``n_images`` (a plan made before the table is downloaded)."""
+    from franca.data.units import DEFAULT_UNIT_ROWS, list_units, unit_name
+
+    ds = cfg["data"]["datasets"][name]
+    if ds.get("source") != "urls" or Path(ds["url_list"]).exists():
+        return list_units(ds)
+    n, size = dataset_storage(cfg, name)[0], int(ds.get("unit_rows", DEFAULT_UNIT_ROWS))
+    return [{"unit": unit_name(i), "kind": "url_rows", "start": 0, "stop": min(size, n - s)} for i, s in
+            enumerate(range(0, n, size))]  # fmt: skip
+
+
+def _unit_rows(cfg: Mapping, name: str, cluster: Mapping) -> list[PlanRow]:
+    """fetch and shard: one job per work unit (``jobs`` = units, runtime per job), and the dataset's gather."""
+    units = dataset_units(cfg, name)
+    n, size = dataset_storage(cfg, name)
+    ds = cfg["data"]["datasets"][name]
+    rows = []
+    for rule in ("fetch", "shard"):
+        res = unit_resources({**cfg, "cluster": cluster}, rule, ds, units)
+        largest = max(int(u.get("stop", 0)) - int(u.get("start", 0)) for u in units)
+        what = f"{len(units)} units" + (f" of <= {largest:,} rows" if largest else "")
+        row = PlanRow(rule, name, None, what, len(units), 1, 0, res["runtime"], cpus=res["cpus_per_task"])
+        row.hours = len(units) * res["runtime"] / 60
+        row.storage_bytes = size if rule == "shard" else 0
+        row.units = [u["unit"] for u in units]
+        rows.append(row)
+    runtime = rule_resources(cfg, "gather")["runtime"]
+    rows.append(PlanRow("gather", name, None, f"{len(units)} units -> shards/, manifest/", 1, 1, 0, runtime))
+    return rows
+
+
+def unit_jobs(p: Plan) -> list[str]:
+    """One line per unit job of the plan: rule, dataset, unit, CPUs, runtime."""
+    return [
+        f"{r.rule} {r.experiment} {unit}: {r.cpus} CPU, {r.runtime_min} min"
+        for r in p.rows
+        if r.units
+        for unit in r.units
+    ]
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -444,12 +510,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"model FLOP utilisation, fraction of the peak (default: recorded, else {DEFAULT_MFU})",
     )
     parser.add_argument("--mfu-results", help="directory of bench_mfu results (default benchmarks/results)")
+    parser.add_argument("--unit-jobs", action="store_true", help="also list every unit job (fetch / shard per unit)")
 
 
 def run(args: argparse.Namespace) -> int:
     exps = {name: {"seeds": args.seeds} for name in args.experiments}
     p = plan(args.preset, exps, args.override, gpu_type=args.gpu_type, mfu=args.mfu, mfu_results=args.mfu_results)
     sys.stdout.write(format_plan(p) + "\n")
+    if args.unit_jobs:
+        sys.stdout.write("unit jobs:\n" + "".join(f"  {line}\n" for line in unit_jobs(p)))
     return 0
 
 

@@ -326,7 +326,8 @@ class _Job:
 
 
 async def _fetch_job_row(fetcher: _Fetcher, job: _Job, r: int, opts: dict[str, Any]):
-    key, url = f"{r:0{opts['key_digits']}d}", job.rows[r - job.buffer.rows.start][opts["url_col"]]
+    key = f"{r + opts['key_offset']:0{opts['key_digits']}d}"  # the row's index in the whole table
+    url = job.rows[r - job.buffer.rows.start][opts["url_col"]]
     return job, r, await fetcher.fetch_row(key, str(url))
 
 
@@ -418,22 +419,13 @@ def _transient_rows(status: pd.DataFrame) -> pd.Series:
     return failed & status["reason"].map(is_transient).astype(bool)
 
 
-def _table_digest(path: Path) -> str:
-    """sha256 of a table file read in chunks, or of a folder's table parts (names and bytes, in name order)."""
-    digest = hashlib.sha256()
-    parts = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in _TABLE_SUFFIXES)
-    for part in parts:
-        if path.is_dir():
-            digest.update(f"{part.name}\0{part.stat().st_size}\0".encode())
-        with open(part, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+def _check_input(out_dir: Path, table: pd.DataFrame, shard_size: int, key_offset: int) -> None:
+    """Refuse to resume over shards made from other rows, keys or shard size (their row ranges would not match).
+    The rows are hashed as the table was read (``franca.data.units.rows_digest``), never the files' bytes."""
+    from franca.data.units import rows_digest
 
-
-def _check_input(out_dir: Path, table_path: Path, n_rows: int, shard_size: int) -> None:
-    """Refuse to resume over shards made from another table or shard size (their row ranges would not match)."""
-    record = {"table_sha256": _table_digest(table_path), "rows": n_rows, "shard_size": shard_size}
+    record = {"rows_sha256": rows_digest(table), "rows": len(table), "shard_size": shard_size}
+    record["key_offset"] = key_offset
     marker = out_dir / "fetch_input.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
@@ -469,7 +461,7 @@ def _refetch_job(out_dir: Path, shard: int, rows: range) -> _Job | None:
 
 
 def fetch_urls(
-    url_table_path: str | Path,
+    url_table_path: str | Path | pd.DataFrame,
     out_dir: str | Path,
     *,
     url_col: str = "url",
@@ -488,6 +480,7 @@ def fetch_urls(
     user_agent: str = "franca-repro-fetch/1.0 (+research; img2dataset-compatible)",
     allow_private_addresses: bool | list[str] = False,
     key_digits: int = 9,
+    key_offset: int = 0,
     on_shard_done: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Fetch every row of a URL table into raw shards; returns the fetch report (also written to JSON).
@@ -499,13 +492,15 @@ def fetch_urls(
     ``on_shard_done(shard_index)`` runs after each published shard (shards finish in any order).
     ``allow_private_addresses``: False (default: URLs and redirects to loopback, private, link-local or reserved
     addresses fail as ``blocked_address``), True (allow all) or a list of networks (CIDR strings) to allow.
+    ``url_table_path`` may be the rows themselves (a DataFrame: one work unit's rows, ``franca.data.units``);
+    ``key_offset`` is then the global row index of its first row, so that sample keys stay the table's row indices.
     """
     options = {k: v for k, v in locals().items() if k not in ("url_table_path", "out_dir")}
-    return _fetch(Path(url_table_path), Path(out_dir), options, refetch=False, shards=None)
+    return _fetch(url_table_path, Path(out_dir), options, refetch=False, shards=None)
 
 
 def refetch_transient(
-    url_table_path: str | Path, out_dir: str | Path, *, shards: list[int] | None = None, **options: Any
+    url_table_path: str | Path | pd.DataFrame, out_dir: str | Path, *, shards: list[int] | None = None, **options: Any
 ) -> dict[str, Any]:
     """Re-fetch the transient failures of the complete raw shards of ``out_dir`` (all, or those of ``shards``).
 
@@ -518,10 +513,12 @@ def refetch_transient(
     bound = inspect.signature(fetch_urls).bind(url_table_path, out_dir, **options)
     bound.apply_defaults()
     options = {k: v for k, v in bound.arguments.items() if k not in ("url_table_path", "out_dir")}
-    return _fetch(Path(url_table_path), Path(out_dir), options, refetch=True, shards=shards)
+    return _fetch(url_table_path, Path(out_dir), options, refetch=True, shards=shards)
 
 
-def _fetch(table_path: Path, out_dir: Path, options: dict, refetch: bool, shards: list[int] | None) -> dict:
+def _fetch(
+    table_path: str | Path | pd.DataFrame, out_dir: Path, options: dict, refetch: bool, shards: list[int] | None
+) -> dict:
     """``fetch_urls`` (``refetch`` False) or ``refetch_transient`` of ``shards`` (None: every complete shard)."""
     opts = dict(options)
     allowed_networks(opts["allow_private_addresses"])  # a bad value fails before any work
@@ -532,14 +529,20 @@ def _fetch(table_path: Path, out_dir: Path, options: dict, refetch: bool, shards
     size, concurrency = opts["shard_size"], opts["concurrency"]
     if opts["encode_format"] not in ("jpg", "png") or size < 1 or concurrency < 1 or opts["retries"] < 0:
         raise ValueError(f"bad fetch options: encode_format={opts['encode_format']!r} shard_size={size}")
-    table = read_url_table(table_path, opts["url_col"])
+    if isinstance(table_path, pd.DataFrame):
+        table_path, table = "<rows>", table_path.reset_index(drop=True)
+        if opts["url_col"] not in table.columns:
+            raise ValueError(f"URL rows have no column {opts['url_col']!r} (columns: {list(table.columns)})")
+    else:
+        table = read_url_table(Path(table_path), opts["url_col"])
     if opts["caption_col"] is not None and opts["caption_col"] not in table.columns:
         logger.warning("URL table %s has no caption column %r; captions left empty", table_path, opts["caption_col"])
         opts["caption_col"] = None
-    if len(table) >= 10 ** opts["key_digits"]:
-        raise ValueError(f"{len(table)} rows do not fit keys of {opts['key_digits']} digits")
+    end = opts["key_offset"] + len(table)
+    if opts["key_offset"] < 0 or end > 10 ** opts["key_digits"]:
+        raise ValueError(f"{end} rows do not fit keys of {opts['key_digits']} digits")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_input(out_dir, table_path, len(table), size)
+    _check_input(out_dir, table, size, opts["key_offset"])
     remove_stale_temps(out_dir)
     n_shards = -(-len(table) // size)
     ranges = [range(s * size, min((s + 1) * size, len(table))) for s in range(n_shards)]

@@ -54,6 +54,7 @@ __all__ = [
     "make_manifest",
     "write_parquet_atomic",
     "read_manifest",
+    "manifest_files",
     "raw_tar_path",
     "raw_status_path",
     "raw_shard_complete",
@@ -123,16 +124,40 @@ def write_parquet_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a manifest and check its columns (clear error naming the file)."""
+def manifest_files(path: str | Path) -> list[Path]:
+    """The parquet files of a manifest: the file itself, or a partitioned dataset directory's ``*.parquet`` files in
+    name order (``data/<ds>/manifest/<unit>.parquet``, one per work unit; names starting with ``.`` or ``_`` are
+    not data, as in pyarrow)."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
+        if not files:
+            raise FileNotFoundError(f"manifest directory {path} holds no .parquet file")
+        return files
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    frame = pd.read_parquet(path)
-    missing = [c for c in ("key", "status", "shard", "sha256", "phash") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"manifest {path} lacks columns {missing}")
-    return frame
+    return [path]
+
+
+def read_manifest(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a manifest (a ``manifest.parquet`` file or a partitioned ``manifest/`` directory, its partitions
+    concatenated in name order) and check its columns (clear error naming the file). ``columns``: read only these.
+    A ``shard`` value is relative to the directory that holds the manifest file or directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tables = []
+    for file in manifest_files(path):
+        present = pq.read_schema(file).names
+        wanted = present if columns is None else list(columns)
+        missing = [c for c in wanted if c not in present]
+        missing += [c for c in ("key", "status", "shard", "sha256", "phash") if columns is None and c not in present]
+        if missing:
+            raise ValueError(f"manifest {file} lacks columns {missing}")
+        tables.append(pq.read_table(file, columns=wanted))
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas() if len(tables) > 1 else None
+    return frame if frame is not None else tables[0].to_pandas()
 
 
 def raw_tar_path(raw_dir: str | Path, index: int) -> Path:
@@ -218,8 +243,10 @@ def canonicalise_shard(
     key_prefix: str,
     license_field: str = "license",
     default_license: str | None = None,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One raw shard -> ``shards/<split>-%06d.tar`` + ``manifest_parts/<split>-%06d.parquet``; returns its rows.
+    """One raw shard -> ``shards/<name>`` (default ``<split>-%06d.tar``) + ``manifest_parts/<split>-%06d.parquet``;
+    returns its rows.
 
     Images are stored in their canonical form (``franca.data.images``): byte-identical when already canonical (JPEG
     or 8-bit PNG, RGB/RGBA, upright), else a lossless PNG of the upright 8-bit RGB/RGBA image (a mask is turned
@@ -227,7 +254,7 @@ def canonicalise_shard(
     fail the decode check, the raw status table's failures and a damaged raw tar become failure rows.
     """
     raw_tar, out_dir = Path(raw_tar), Path(out_dir)
-    rel = f"shards/{shard_name(split, index)}"
+    rel = f"shards/{name or shard_name(split, index)}"
     stats, rows = ReadStats(), []
     base = {"split": split, "raw_shard": str(raw_tar)}
     with AtomicTarWriter(out_dir / rel) as writer:
@@ -266,9 +293,14 @@ def canonicalise_shard(
     return rows
 
 
-def _part_done(out_dir: Path, split: str, index: int, raw_tar: Path) -> bool:
+def _unit_shard_name(split: str, index: int, unit: str | None) -> str:
+    """``<split>-%06d.tar``, or ``<split>-<unit>-%06d.tar`` in a work unit (names unique across a dataset's units)."""
+    return f"{split}-{unit}-{index:06d}.tar" if unit else shard_name(split, index)
+
+
+def _part_done(out_dir: Path, split: str, index: int, raw_tar: Path, unit: str | None = None) -> bool:
     part = out_dir / "manifest_parts" / f"{split}-{index:06d}.parquet"
-    if not (part.is_file() and (out_dir / "shards" / shard_name(split, index)).is_file()):
+    if not (part.is_file() and (out_dir / "shards" / _unit_shard_name(split, index, unit)).is_file()):
         return False
     raw = pd.read_parquet(part, columns=["raw_shard"])["raw_shard"]
     return raw.empty or bool((raw == str(raw_tar)).all())
@@ -281,6 +313,7 @@ def canonicalise(
     workers: int = 1,
     license_field: str = "license",
     default_license: str | None = None,
+    unit: str | None = None,
 ) -> dict[str, Any]:
     """The ``shard`` stage: raw shards of fetch / ingest / img2dataset -> canonical shards + ``manifest.parquet``.
 
@@ -288,6 +321,7 @@ def canonicalise(
     split (sorted over its directories) becomes ``shards/<split>-%06d.tar`` with key ``<split>_<raw key>`` (or
     ``<split>_<dir index>_<raw key>`` with several directories; a raw key that already starts so is kept).
     One job per shard, run in ``workers`` processes, resumable (a shard whose manifest part exists is kept).
+    ``unit``: the work unit these raw shards belong to (``franca.data.units``); its name goes into the shard names.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -303,15 +337,19 @@ def canonicalise(
         jobs += [(tar, split, i, prefix) for i, (tar, prefix) in enumerate(tars)]
     for sub in ("shards", "manifest_parts"):
         remove_stale_temps(out_dir / sub)
-    pending = [job for job in jobs if not _part_done(out_dir, job[1], job[2], job[0])]
+    pending = [job for job in jobs if not _part_done(out_dir, job[1], job[2], job[0], unit)]
     extra = (license_field, default_license)
     if workers > 1 and len(pending) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for future in [pool.submit(canonicalise_shard, t, out_dir, s, i, p, *extra) for t, s, i, p in pending]:
+            futures = [
+                pool.submit(canonicalise_shard, t, out_dir, s, i, p, *extra, _unit_shard_name(s, i, unit))
+                for t, s, i, p in pending
+            ]
+            for future in futures:
                 future.result()
     else:
         for tar, split, i, prefix in pending:
-            canonicalise_shard(tar, out_dir, split, i, prefix, *extra)
+            canonicalise_shard(tar, out_dir, split, i, prefix, *extra, _unit_shard_name(split, i, unit))
     parts = [pd.read_parquet(out_dir / "manifest_parts" / f"{s}-{i:06d}.parquet") for _, s, i, _ in jobs]
     manifest = make_manifest(pd.concat(parts, ignore_index=True).to_dict("records"))
     write_parquet_atomic(manifest, out_dir / "manifest.parquet")

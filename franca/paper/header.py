@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from franca.paper.collect import PaperInputError, read_json
 
 # preset name (or its prefix) -> what a run of it can show; the first match wins
@@ -53,9 +51,10 @@ class DatasetInfo:
 
 def _manifest_summary(path: Path) -> tuple[list[str], list[str], dict[str, int]]:
     from franca.data.datacard import source_origin
+    from franca.data.manifest import read_manifest
 
     try:
-        frame = pd.read_parquet(path, columns=["status", "split", "source", "license"])
+        frame = read_manifest(path, columns=["status", "split", "source", "license"])
     except (OSError, ValueError, KeyError) as err:
         raise PaperInputError(f"{path}: cannot read the manifest columns status/split/source/license: {err}") from err
     ok = frame[frame["status"] == "ok"]
@@ -66,7 +65,8 @@ def _manifest_summary(path: Path) -> tuple[list[str], list[str], dict[str, int]]
 
 
 def datasets(manifests: Sequence[Path], kept: Mapping[str, int], keys: Mapping[Path, str]) -> list[DatasetInfo]:
-    """One entry per manifest (``data/{name}/manifest.parquet``); ``kept``: training images kept by dedup per
+    """One entry per manifest (``data/{name}/manifest``, a file or a partitioned directory); ``kept``: training
+    images kept by dedup per
     dataset (``kept_after_dedup``); ``keys``: each file's source key (for provenance links)."""
     out = []
     for path in map(Path, manifests):

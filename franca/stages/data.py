@@ -3,15 +3,26 @@
 fetch acquires raw bytes (generated for the tiny preset, downloaded from a URL table, or ingested from a class
 folder, ImageNet-21K tars or a VOC-style segmentation tree) into `data/<ds>/raw/<split>/`; shard rewrites them into
 canonical shards plus the manifest; dedup decides which training samples are kept.
+
+Work units (issue 17, ``franca.data.units``): with ``--units UNITS_JSON --unit U`` fetch and shard run on one unit
+(`data/<ds>/raw/U`, `data/<ds>/units/U`); a URL unit keeps its progress in ``<--state-dir>/<ds>/U/<identity[:16]>/``
+(default work/fetch), keyed by the dataset config, the unit entry, its rows' sha256 and the code digest, and
+appears in its declared output only when complete. `gather` links every unit's shards and manifest
+into the dataset's handle: `data/<ds>/shards/` and the partitioned `data/<ds>/manifest/`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
 from franca.stages.common import add_job_args, add_pairs_arg, job, parse_pairs, start
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
@@ -24,20 +35,45 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     shard.add_argument("--raw", required=True)
     shard.add_argument("--out", required=True)
     shard.add_argument("--workers", type=int, default=1)
+    for child in (fetch, shard):
+        child.add_argument("--units", default=None, help="the dataset's unit list (work/config/units/<ds>-*.json)")
+        child.add_argument("--unit", default=None, help="the work unit of this job (u%%06d); needs --units")
+    fetch.add_argument("--state-dir", default="work/fetch", help="root of the units' rolling fetch state")
+    gather = sub.add_parser("gather", help="the dataset handle: links to every unit's shards and manifest")
+    gather.add_argument("--dataset", required=True)
+    gather.add_argument("--unit-dirs", nargs="+", required=True, help="data/<ds>/units/<unit> of every unit, in order")
+    gather.add_argument("--out", required=True, help="data/<ds>: writes shards/ and manifest/ there")
     dedup = sub.add_parser("dedup", help="exact, near and eval-copy duplicates -> kept keys, report, data card")
     add_pairs_arg(dedup, "--manifest", "PATH", "manifest of each dataset the dedup config names (repeatable)")
     dedup.add_argument("--out", required=True, help="directory of kept.txt, report.json, datacard.md")
-    for child, func in ((fetch, run_fetch), (shard, run_shard), (dedup, run_dedup)):
+    for child, func in ((fetch, run_fetch), (shard, run_shard), (dedup, run_dedup), (gather, run_gather)):
         add_job_args(child)
         child.set_defaults(func=func)
 
 
+def _unit(args: argparse.Namespace) -> dict | None:
+    """The entry of ``--unit`` in ``--units`` (None without them)."""
+    if (args.units is None) != (args.unit is None):
+        raise SystemExit("--units and --unit go together")
+    if args.units is None:
+        return None
+    from franca.data.units import unit_of
+
+    return unit_of(json.loads(Path(args.units).read_text()), args.unit)
+
+
 def run_fetch(args: argparse.Namespace) -> int:
-    ds = start(args)
+    ds, entry = start(args), _unit(args)
     out = Path(args.out)
     external = [p for p in (ds.get("url_list"), ds.get("root")) if p]
-    with job("fetch", args, ds, out, inputs=external, tags={"dataset": args.dataset}) as current:
-        summary = _acquire(ds, out, class_names=_class_names_from(ds))
+    if entry is not None and entry["kind"] == "url_rows":
+        external = [entry["part"], args.units]
+    tags = {"dataset": args.dataset, **({"unit": entry["unit"]} if entry else {})}
+    with job("fetch", args, ds, out, inputs=external, tags=tags) as current:
+        if entry is not None and entry["kind"] == "url_rows":
+            summary = _fetch_unit(ds, entry, out, args)
+        else:
+            summary = _acquire(ds, out, class_names=_class_names_from(ds))
         current.extra["fetch_report"] = summary
         current.extra["sources"] = [
             {
@@ -45,9 +81,28 @@ def run_fetch(args: argparse.Namespace) -> int:
                 "source": ds["source"],
                 "location": ds.get("url_list") or ds.get("root") or "generated",
                 "license": ds.get("license", "unknown"),
+                **({"unit": entry} if entry else {}),
             }
         ]
     return 0
+
+
+def _fetch_unit(ds: dict, entry: dict, out: Path, args: argparse.Namespace) -> dict:
+    """One URL unit: fetch into its rolling state (identity-keyed), then publish the complete raw dir into ``out``.
+    The state is kept after publishing (hard links): a forced rerun retries only transient failures."""
+    from franca.data import units
+    from franca.stages.train import rolling_dir
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request: 600 M lines at paper scale
+    rows = units.read_unit_rows(entry, ds.get("url_col", "url"))
+    state = rolling_dir(args.state_dir, Path(args.dataset) / entry["unit"], units.unit_identity(ds, entry, rows))
+    log.info("unit %s: %d rows, state %s", entry["unit"], len(rows), state)
+    try:
+        report = units.fetch_unit(ds, entry, rows, state)
+    except ValueError as err:  # the success-rate floor: a clear message, no traceback, nothing published
+        raise SystemExit(f"{args.dataset} {err}") from err
+    units.publish(state / "train", out / "train")
+    return report
 
 
 def _class_names_from(ds: dict) -> list[str] | None:
@@ -85,17 +140,11 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
             tar.rename(out / split / tar.name)
         shutil.rmtree(tmp)
         return {k: v for k, v in summary.items() if k not in ("out_dir", "manifest")}
-    if source == "urls":
-        import inspect
-
+    if source == "urls":  # every fetch_urls option is a dataset key (max_bytes, backoff, ...); others fail
         from franca.data.fetch import fetch_urls
+        from franca.data.units import fetch_options
 
-        # every fetch_urls option is a dataset key (max_bytes, max_pixels, backoff, user_agent, ...); others fail
-        options = set(inspect.signature(fetch_urls).parameters) - {"url_table_path", "out_dir", "on_shard_done"}
-        unknown = sorted(set(ds) - options - {"source", "url_list", "license"})
-        if unknown:
-            raise ValueError(f"data.datasets (source urls): unknown keys {unknown}; fetch options: {sorted(options)}")
-        return fetch_urls(ds["url_list"], out / "train", **{k: v for k, v in ds.items() if k in options})
+        return fetch_urls(ds["url_list"], out / "train", **fetch_options(ds))
     from franca.data import sources
 
     if source == "folder":
@@ -115,13 +164,15 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
 def run_shard(args: argparse.Namespace) -> int:
     from franca.data.manifest import canonicalise
 
-    ds = start(args)
+    ds, entry = start(args), _unit(args)
     raw, out = Path(args.raw), Path(args.out)
     splits = {d.name: [d] for d in sorted(raw.iterdir()) if d.is_dir() and any(d.glob("*.tar"))}
     if not splits:
         raise FileNotFoundError(f"{raw}: no raw shards in any split directory")
-    with job("shard", args, ds, out, inputs=[raw], tags={"dataset": args.dataset}) as current:
-        summary = canonicalise(splits, out, workers=args.workers, default_license=ds.get("license"))
+    unit = entry["unit"] if entry else None
+    tags = {"dataset": args.dataset, **({"unit": unit} if unit else {})}
+    with job("shard", args, ds, out, inputs=[raw], tags=tags) as current:
+        summary = canonicalise(splits, out, workers=args.workers, default_license=ds.get("license"), unit=unit)
         current.outputs = [out / "shards", out / "manifest.parquet"]
         current.extra["shard_summary"] = summary
     return 0
@@ -159,4 +210,32 @@ def run_dedup(args: argparse.Namespace) -> int:
         write_datacard(manifests, out / "report.json", out / "datacard.md")
         current.extra["dedup"] = {k: v for k, v in report.items() if not isinstance(v, list | dict)}  # counts
         current.extra["dedup"]["removed_by_reason"] = report["removed"]
+    return 0
+
+
+def run_gather(args: argparse.Namespace) -> int:
+    """The dataset handle, O(#shards): ``<out>/shards/<name>.tar`` and ``<out>/manifest/<unit>.parquet`` are relative
+    symlinks into each unit's directory (never a copy, never a rewritten manifest). A unit's ``shard`` values
+    (``shards/<name>.tar``, relative to its directory) stay valid relative to ``<out>``."""
+    ds, out = start(args), Path(args.out)
+    units = [Path(u) for u in args.unit_dirs]
+    links = {"shards": {}, "manifest": {}}
+    for unit in units:
+        manifest = unit / "manifest.parquet"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest}: unit {unit.name} has no manifest (run its shard job)")
+        links["manifest"][f"{unit.name}.parquet"] = manifest
+        for tar in sorted((unit / "shards").glob("*.tar")):
+            if tar.name in links["shards"]:
+                raise ValueError(f"shard name {tar.name} occurs in {links['shards'][tar.name].parent} and {unit}")
+            links["shards"][tar.name] = tar
+    inputs = [p for group in links.values() for p in group.values()]
+    with job("gather", args, ds, out, inputs=inputs, tags={"dataset": args.dataset}) as current:
+        for sub, group in links.items():
+            shutil.rmtree(out / sub, ignore_errors=True)
+            (out / sub).mkdir(parents=True)
+            for name, target in group.items():
+                os.symlink(os.path.relpath(target.absolute(), (out / sub).absolute()), out / sub / name)
+        current.outputs = [out / "shards", out / "manifest"]
+        current.extra["gather"] = {"units": len(units), "shards": len(links["shards"])}
     return 0

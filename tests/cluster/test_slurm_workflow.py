@@ -8,9 +8,9 @@
   uninterrupted run.
 
 Speed: the SLURM plugin polls the queue 1 s after a submission, then every 10 s more per empty check (11, 21, 31...
-hard-coded), so a 20-40 s job costs 33-64 s. The test therefore groups the short data jobs (fetch, shard, dedup) into
-one SLURM job and the two eval jobs (features, evaluate) into another (``--groups``): 3 sequential SLURM jobs
-instead of 6. Pretrain stays alone, with the resources the profile computes for it. Every rule still runs inside a
+hard-coded), so a 20-40 s job costs 33-64 s. The test therefore groups the short data jobs (fetch, shard, gather,
+dedup) into one SLURM job and the two eval jobs (features, evaluate) into another (``--groups``): 3 sequential SLURM
+jobs instead of 7. Pretrain stays alone, with the resources the profile computes for it. Every rule still runs inside a
 SLURM job, which its provenance shows.
 """
 
@@ -28,7 +28,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 PROFILE = "workflow/profiles/slurm"
-GROUPS = ["fetch=data", "shard=data", "dedup=data", "features=eval", "evaluate=eval"]
+GROUPS = ["fetch=data", "shard=data", "gather=data", "dedup=data", "features=eval", "evaluate=eval"]
 SLURM_TIMEOUT_S = 900
 ROLLING = "work/ckpt/results/pretrain/franca/s0/stage1"  # + /<job identity>/
 CKPT = "results/pretrain/franca/s0/stage1/checkpoint.pt"  # = conftest.CKPT
@@ -87,7 +87,8 @@ def test_slurm_workflow(cluster, slurm_subset):
         job = next(j for prefix, j in expected.items() if path.startswith(prefix))
         assert record["slurm_job_id"] == job, (path, record["slurm_job_id"], jobs)
         assert local_records[path]["slurm_job_id"] is None, path
-    assert {r["stage"] for r in records.values()} == {"fetch", "shard", "dedup", "pretrain", "features", "eval"}
+    stages = {r["stage"] for r in records.values()}
+    assert stages == {"fetch", "shard", "gather", "dedup", "pretrain", "features", "eval"}
 
     # data: byte-identical shards, manifest and dedup list
     data_files = sorted(p.relative_to(repo) for p in (repo / "data").rglob("*") if p.suffix in (".tar", ".parquet"))

@@ -121,19 +121,26 @@ def test_bad_dataset_entries_are_rejected(preset, override, message):
 
 
 def test_urls_dataset_keys_are_the_fetch_options():
-    """Every fetch_urls option is a documented `source: urls` key, and nothing else (issue 12)."""
+    """Every fetch_urls option is a documented `source: urls` key, and nothing else (issue 12), besides the work-unit
+    keys (issue 17); key_offset is the unit job's, not a dataset key."""
     import inspect
 
     import yaml
 
     from franca.data.fetch import fetch_urls
+    from franca.data.units import UNIT_KEYS
 
     schema = yaml.safe_load((fc.config_dir().parent / "workflow/schemas/method.schema.yaml").read_text())
     urls = next(
         b["then"] for b in schema["$defs"]["dataset"]["allOf"] if b["if"]["properties"]["source"]["const"] == "urls"
     )
-    options = set(inspect.signature(fetch_urls).parameters) - {"url_table_path", "out_dir", "on_shard_done"}
-    assert set(urls["properties"]) == options | {"source", "url_list", "license"}
+    options = set(inspect.signature(fetch_urls).parameters) - {
+        "url_table_path",
+        "out_dir",
+        "on_shard_done",
+        "key_offset",
+    }
+    assert set(urls["properties"]) == options | {"source", "url_list", "license", *UNIT_KEYS}
 
 
 def _dry_run_blocks(out: str) -> list[dict[str, str]]:
@@ -167,8 +174,11 @@ def test_small_dag_reads_in_val_for_classification(tmp_path):
     env = {**os.environ, "PATH": f"{repo_copy.BIN}:{os.environ['PATH']}", "FRANCA_TRACKING": "off"}
     cmd = ["snakemake", "-n", "--cores", "1", "--configfile", str(tmp_path / "small.json"), "--replace-workflow-config"]
     jobs = _dry_run_blocks(repo_copy.run(cmd, repo, env, 600).stdout)
-    fetched = {job["wildcards"] for job in jobs if job["rule"] == "fetch"}
-    assert fetched == {"dataset=in_train", "dataset=in_val", "dataset=voc"}
+    fetched = {job["wildcards"] for job in jobs if job["rule"] == "fetch"}  # one work unit per local tree
+    assert fetched == {f"dataset={name}, unit=u000000" for name in ("in_train", "in_val", "voc")}
+    assert {job["output"] for job in jobs if job["rule"] == "gather"} == {
+        f"data/{name}/shards, data/{name}/manifest" for name in ("in_train", "in_val", "voc")
+    }
     features = [job for job in jobs if job["rule"] == "features"]
     assert features and all(
         [p for p in job["input"].split(", ") if p.endswith("/shards")]

@@ -40,8 +40,9 @@ def test_second_experiment_fetches_dedups_and_trains_on_its_own_dataset(tmp_path
         inputs = set(record["inputs"])
         assert f"data/dedup/{dataset}/kept.txt" in inputs, sorted(inputs)
         shards = {p for p in inputs if p.endswith(".tar")}
-        assert shards and all(p.startswith(f"data/{dataset}/shards/") for p in shards), sorted(shards)
+        # the dataset handle's links resolve to its one work unit's shards and manifest
+        assert shards and all(p.startswith(f"data/{dataset}/units/u000000/shards/") for p in shards), sorted(shards)
         dedup = json.loads((repo / f"data/dedup/{dataset}/provenance.json").read_text())
-        assert f"data/{dataset}/manifest.parquet" in dedup["inputs"]
-    fetched = json.loads((repo / "data/synth_b/raw/provenance.json").read_text())
+        assert f"data/{dataset}/units/u000000/manifest.parquet" in dedup["inputs"]
+    fetched = json.loads((repo / "data/synth_b/raw/u000000/provenance.json").read_text())
     assert fetched["config"]["seed"] == 99 and fetched["config"]["n_train"] == 120

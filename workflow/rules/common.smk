@@ -8,7 +8,8 @@ from pathlib import Path
 
 from franca import config as fc
 from franca import workflow_hooks as hooks
-from franca.plan import rule_resources
+from franca.data.units import list_units
+from franca.plan import rule_resources, unit_resources
 
 PRESET = config["preset"]
 OVERRIDES = tuple(config.get("overrides", []))
@@ -66,8 +67,15 @@ def run_config(w):
 
 def _resources(stage, w):
     """One rule_resources call per job, however many resource keys and the threads ask for it."""
+    if "unit" in w.keys():  # a unit job: sized by its dataset's largest unit (franca.plan.unit_resources)
+        return _unit_job_resources(stage, w.dataset)
     run = (w.exp, int(w.seed)) if "exp" in w.keys() else RUNS[0]
     return _job_resources(stage, *run, int(w.get("stage", 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_job_resources(stage, dataset):
+    return unit_resources(cfg(*RUNS[0]), stage, fc.read_slice(config_file(f"{CONFIGS}/data/{dataset}.json")), units_of(dataset))
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +136,48 @@ def shard_dir(dataset):
     return f"data/{dataset}/shards"
 
 
+def manifest_dir(dataset):
+    """The dataset's index: a partitioned parquet dataset, one file per work unit (franca.data.manifest.read_manifest)."""
+    return f"data/{dataset}/manifest"
+
+
+# --- work units (franca.data.units): computed here, at DAG build, from cheap metadata; written content-addressed ----
+
+
+@functools.cache
+def units_file(dataset):
+    """work/config/units/<dataset>-<sha12>.json: the dataset's unit list (input of its fetch and shard jobs)."""
+    ds = fc.read_slice(config_file(f"{CONFIGS}/data/{dataset}.json"))
+    return str(fc.write_slice(f"{CONFIGS}/units/{dataset}.json", list_units(ds)))
+
+
+@functools.cache
+def units_of(dataset):
+    return fc.read_slice(units_file(dataset))
+
+
+def unit_names(dataset):
+    return [u["unit"] for u in units_of(dataset)]
+
+
+def unit_inputs(w):
+    """Config and unit list of a unit's fetch job, plus the URL part its rows come from (a change reruns it)."""
+    entry = units_of(w.dataset)[int(w.unit[1:])]
+    inputs = {"config": config_file(f"{CONFIGS}/data/{w.dataset}.json"), "units": units_file(w.dataset)}
+    if entry["kind"] == "url_rows":
+        inputs["part"] = entry["part"]
+    return inputs
+
+
+def gather_inputs(w):
+    units = [f"data/{w.dataset}/units/{u}" for u in unit_names(w.dataset)]
+    return {
+        "config": config_file(f"{CONFIGS}/data/{w.dataset}.json"),
+        "shards": [f"{u}/shards" for u in units],
+        "manifests": [f"{u}/manifest.parquet" for u in units],
+    }
+
+
 def dedup_dir(w):
     return f"data/dedup/{fc.dedup_dataset(cfg(w.exp, w.seed))}"
 
@@ -158,7 +208,7 @@ def dedup_inputs(w):
     names = fc.dedup_datasets(full)
     return {
         "config": config_file(f"{CONFIGS}/dedup/{w.dataset}.json"),
-        "manifests": [f"data/{n}/manifest.parquet" for n in names],
+        "manifests": [manifest_dir(n) for n in names],
         "shards": [shard_dir(n) for n in names],
     }
 
@@ -223,7 +273,7 @@ def eval_outputs(exp, seed, ckpt):
 def paper_inputs(wildcards):
     """Every file `franca paper` reads (it reads nothing else): a listed file is an expected result."""
     inputs = {"dedup": [], "metrics": [], "evals": [], "rasa": [], "pca": []}
-    inputs["manifests"] = [f"data/{dataset}/manifest.parquet" for dataset in DATASETS]
+    inputs["manifests"] = [manifest_dir(dataset) for dataset in DATASETS]
     for exp, seed in RUNS:
         inputs["dedup"].append(f"data/dedup/{fc.dedup_dataset(cfg(exp, seed))}/report.json")
         for stage in range(1, n_stages(exp) + 1):
