@@ -127,7 +127,7 @@ def _ok_rows(path: Path, splits: set[str] | None, exclude: str | None, unit: int
 def _load_eval(train_manifest: Path, eval_manifests, train_split: str, eval_splits) -> pd.DataFrame:
     frames = []
     for path in [Path(p) for p in eval_manifests]:
-        same = path.resolve() == train_manifest.resolve()
+        same = train_manifest is not None and path.resolve() == Path(train_manifest).resolve()
         frames.append(_ok_rows(path, set(eval_splits) if eval_splits else None, train_split if same else None))
     if not frames:
         return pd.DataFrame(columns=["key", "sha256", "phash", "shard_path", "dataset", "ref"])
@@ -138,7 +138,7 @@ def _load_eval(train_manifest: Path, eval_manifests, train_split: str, eval_spli
 def write_eval_index(train_manifest, eval_manifests, train_split: str, eval_splits, path: str | Path) -> int:
     """The eval sets' descriptors (sha256, pHash, layout, absolute shard path, ref, class) as one small parquet,
     built once and read by every unit's contamination check. Returns its row count."""
-    evals = _load_eval(Path(train_manifest), eval_manifests, train_split, eval_splits)
+    evals = _load_eval(train_manifest, eval_manifests, train_split, eval_splits)  # train_manifest: None if unread
     evals = evals.assign(shard_path=[str(Path(p).resolve()) for p in evals["shard_path"]]).drop(columns="id")
     write_parquet_atomic(evals, Path(path))
     return len(evals)
