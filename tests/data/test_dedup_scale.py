@@ -41,7 +41,7 @@ def synth(tmp_path_factory):
 def test_partitioned_pairs_equal_multi_index_hashing(synth, tmp_path):
     h, planted = planted_hashes(4000, 300, 12, seed=1)
     tiny = hex_to_phash(pd.read_parquet(synth / "manifest.parquet", columns=["phash"])["phash"])
-    cases = [(h, 12, None, 0, 1), (h, 12, 4, 3, 3), (h, 9, 5, 2, 2), (tiny, 16, None, 0, 1), (tiny, 16, 4, 2, 2)]
+    cases = [(h, 12, None, 0, 1), (h, 12, 6, 3, 3), (h, 9, 5, 2, 2), (tiny, 16, None, 0, 1), (tiny, 16, 6, 2, 2)]
     for n, (hashes, t, m, k, units) in enumerate(cases):
         i, j, d, _ = near_duplicate_pairs(hashes, t, m)
         plan = bands.make_plan(len(hashes), t, m, k)
@@ -51,7 +51,7 @@ def test_partitioned_pairs_equal_multi_index_hashing(synth, tmp_path):
             inside = planted[hamming(h[planted[:, 0]], h[planted[:, 1]]) <= t]
             assert set(map(tuple, inside.tolist())) <= set(zip(got[0].tolist(), got[1].tolist(), strict=True))
             assert len(set(zip(got[0].tolist(), got[1].tolist(), strict=True))) == len(got[0])
-    assert plan.neighbours(1) == [1, 0, 2, 3]  # radius 4 over 2 block bits: every block
+    assert plan.neighbours(1) == [1, 0, 2, 3]  # radius 2 over 2 block bits: every block
     assert bands.BandPlan(8, 2, 6).neighbours(0)[:2] == [0, 1] and len(bands.BandPlan(8, 2, 6).neighbours(5)) == 57
 
 
