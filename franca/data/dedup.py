@@ -14,7 +14,14 @@ cascade that makes slight crops, which move pHash by 10-16 bits, detectable with
 found at those distances) or a channel-normalised layout RMS difference ``<= normalized_layout_threshold`` (colour
 shifts: per-channel gain and offset move the raw layout as far as a different image; -1 disables the test). The
 test that accepted each removed pair is recorded. Candidate pairs inside the training set come from multi-index
-hashing (``phash.near_duplicate_pairs``), never from all pairs.
+hashing cut into (band, block) jobs (``franca.data.bands``; equal to ``phash.near_duplicate_pairs``), never from all
+pairs.
+
+Scale (issue 17): the descriptors (sha256, pHash, layout) are computed once per image at shard time; dedup reads only
+``READ_COLUMNS`` of the manifest (a file, or a directory with one parquet part per work unit) and decodes images only
+for the pixel check of candidate pairs. The per-image half can fan out: ``write_eval_index`` once, ``dedup_unit`` per
+unit (eval contamination + band index), ``dedup_block`` per (band, block); ``deduplicate(..., eval_index, units,
+candidates)`` then verifies the pairs and removes greedily. Without them it runs the same functions in one process.
 
 Outputs in ``out_dir``: ``kept.txt`` (kept keys in manifest order), ``removed.parquet`` (key, reason, matched key,
 distance or similarity, the pair-rule test and its layout differences), ``report.json`` (counts per reason and per
