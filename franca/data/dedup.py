@@ -14,7 +14,14 @@ cascade that makes slight crops, which move pHash by 10-16 bits, detectable with
 found at those distances) or a channel-normalised layout RMS difference ``<= normalized_layout_threshold`` (colour
 shifts: per-channel gain and offset move the raw layout as far as a different image; -1 disables the test). The
 test that accepted each removed pair is recorded. Candidate pairs inside the training set come from multi-index
-hashing (``phash.near_duplicate_pairs``), never from all pairs.
+hashing cut into (band, block) jobs (``franca.data.bands``; equal to ``phash.near_duplicate_pairs``), never from all
+pairs.
+
+Scale (issue 17): the descriptors (sha256, pHash, layout) are computed once per image at shard time; dedup reads only
+``READ_COLUMNS`` of the manifest (a file, or a directory with one parquet part per work unit) and decodes images only
+for the pixel check of candidate pairs. The per-image half can fan out: ``write_eval_index`` once, ``dedup_unit`` per
+unit (eval contamination + band index), ``dedup_block`` per (band, block); ``deduplicate(..., eval_index, units,
+candidates)`` then verifies the pairs and removes greedily. Without them it runs the same functions in one process.
 
 Outputs in ``out_dir``: ``kept.txt`` (kept keys in manifest order), ``removed.parquet`` (key, reason, matched key,
 distance or similarity, the pair-rule test and its layout differences), ``report.json`` (counts per reason and per
@@ -26,6 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,8 +43,10 @@ from typing import Any
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from franca.data.manifest import read_manifest, write_parquet_atomic
+from franca.data import bands as band_lsh
+from franca.data.manifest import write_parquet_atomic
 from franca.data.phash import (
     PAIR_TESTS,
     choose_bands,
@@ -52,6 +63,7 @@ from franca.data.shards import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 __all__ = ["choose_bands", "near_duplicate_pairs", "greedy_removal", "deduplicate"]  # the first two: phash.py
+__all__ += ["manifest_parts", "write_eval_index", "dedup_unit", "dedup_block"]
 
 # Defaults measured on planted duplicates (tests/data/test_dedup.py, benchmarks/bench_dedup.py) and, for precision
 # on real photographs, on franca.data.dedup_benchmark (scikit-image photos). pHash alone never removes an image:
@@ -79,26 +91,64 @@ def greedy_removal(n: int, i: np.ndarray, j: np.ndarray, d: np.ndarray) -> tuple
     return match, dist
 
 
-def _ok_rows(path: Path, splits: set[str] | None, exclude: str | None) -> pd.DataFrame:
-    frame = read_manifest(path)
+READ_COLUMNS = ("key", "status", "split", "shard", "sha256", "phash", "layout", "class_name", "label")  # never URLs
+_REQUIRED = ("key", "status", "shard", "sha256", "phash")
+
+
+def manifest_parts(path: str | Path) -> list[tuple[int, Path]]:
+    """(unit number, parquet file) of a manifest: the file itself (unit 0), or each part of a partitioned manifest
+    directory (``u000012.parquet`` is unit 12; other names are numbered by sorted position)."""
+    path = Path(path)
+    if path.is_file():
+        return [(0, path)]
+    parts = sorted(path.glob("*.parquet")) if path.is_dir() else []
+    if not parts:
+        raise FileNotFoundError(f"manifest not found: {path} (a parquet file or a directory of parquet parts)")
+    return [(int(m.group(1)) if (m := re.fullmatch(r"u(\d+)", p.stem)) else n, p) for n, p in enumerate(parts)]
+
+
+def _read_part(part: Path, unit: int) -> pd.DataFrame:
+    """The columns dedup needs of one manifest file, plus ``id`` (``bands.row_ids``: unit and row in the file)."""
+    names = pq.read_schema(part).names
+    missing = [c for c in _REQUIRED if c not in names]
+    if missing:
+        raise ValueError(f"manifest {part} lacks columns {missing}")
+    frame = pd.read_parquet(part, columns=[c for c in READ_COLUMNS if c in names])
+    return frame.assign(id=band_lsh.row_ids(unit, np.arange(len(frame))))
+
+
+def _ok_rows(path: Path, splits: set[str] | None, exclude: str | None, unit: int | None = None, dataset=None):
+    """Rows with status ok of a manifest (file, directory, or one unit's partition when ``unit`` is given), with
+    ``id``, ``shard_path`` (shards are relative to the manifest's parent) and ``dataset``."""
+    parts = [(unit, path)] if unit is not None else manifest_parts(path)
+    frame = pd.concat([_read_part(p, u) for u, p in parts], ignore_index=True)
     frame = frame[frame["status"] == "ok"]
     if "split" in frame.columns and splits is not None:
         frame = frame[frame["split"].isin(splits)]
     if "split" in frame.columns and exclude is not None:
         frame = frame[frame["split"] != exclude]
     frame = frame.reset_index(drop=True).assign(shard_path=[str(path.parent / s) for s in frame["shard"]])
-    return frame.assign(dataset=path.parent.name)
+    return frame.assign(dataset=dataset or path.parent.name)
 
 
 def _load_eval(train_manifest: Path, eval_manifests, train_split: str, eval_splits) -> pd.DataFrame:
     frames = []
     for path in [Path(p) for p in eval_manifests]:
-        same = path.resolve() == train_manifest.resolve()
+        same = train_manifest is not None and path.resolve() == Path(train_manifest).resolve()
         frames.append(_ok_rows(path, set(eval_splits) if eval_splits else None, train_split if same else None))
     if not frames:
-        return pd.DataFrame(columns=["key", "sha256", "phash", "shard_path", "dataset"])
+        return pd.DataFrame(columns=["key", "sha256", "phash", "shard_path", "dataset", "ref"])
     frame = pd.concat(frames, ignore_index=True)
     return frame.assign(ref=frame["dataset"] + ":" + frame["key"])
+
+
+def write_eval_index(train_manifest, eval_manifests, train_split: str, eval_splits, path: str | Path) -> int:
+    """The eval sets' descriptors (sha256, pHash, layout, absolute shard path, ref, class) as one small parquet,
+    built once and read by every unit's contamination check. Returns its row count."""
+    evals = _load_eval(train_manifest, eval_manifests, train_split, eval_splits)  # train_manifest: None if unread
+    evals = evals.assign(shard_path=[str(Path(p).resolve()) for p in evals["shard_path"]]).drop(columns="id")
+    write_parquet_atomic(evals, Path(path))
+    return len(evals)
 
 
 def _embed(rows: pd.DataFrame, model_path: str, image_size: int, batch_size: int) -> np.ndarray:
@@ -268,15 +318,44 @@ def _caption(rec) -> str:
     return f"{rec.reason}\nd={rec.distance:g} {rec.test}{value}{pixel}{classes}"
 
 
-def _near_stage(train: pd.DataFrame, alive: np.ndarray, threshold: int, opts: dict, n_bands: int | None):
+def _alive_pairs(train: pd.DataFrame, alive: np.ndarray, loose: int, opts: dict) -> tuple[np.ndarray, ...]:
+    """Candidate pairs within ``loose`` among ``alive`` rows, as alive positions (i, j, d) sorted by (j, d, i), and
+    stats. From the (band, block) jobs' pair files (``opts["candidates"]``, over all ok rows), or in-process: the
+    alive rows as one unit, every job in turn (``bands.block_pairs``; equal to ``phash.near_duplicate_pairs``)."""
+    ids = train["id"].to_numpy(np.uint64)[alive]  # ascending: units in order, rows in order
+    plan = band_lsh.make_plan(len(alive), loose, opts.get("bands"), opts.get("block_bits", 0))
+    if opts.get("candidates") is None:
+        with tempfile.TemporaryDirectory() as work:
+            band_lsh.write_band_index(hex_to_phash(train["phash"].iloc[alive]), ids, plan, work)
+            found = [band_lsh.block_pairs([work], plan, b, p) for b, p in plan.jobs()]
+    else:
+        found = [pd.read_parquet(path)[["a", "b", "d"]].to_numpy(np.uint64) for path in opts["candidates"]]
+    pairs = np.concatenate([np.zeros((0, 3), np.uint64), *found])
+    a, b = np.searchsorted(ids, pairs[:, 0]), np.searchsorted(ids, pairs[:, 1])
+    inside = (a < len(ids)) & (b < len(ids))
+    inside[inside] &= (ids[a[inside]] == pairs[inside, 0]) & (ids[b[inside]] == pairs[inside, 1])
+    out = band_lsh.sort_pairs(np.stack([a[inside], b[inside], pairs[inside, 2].astype(np.int64)], axis=1))
+    stats = {"bands": plan.bands, "radius_per_band": plan.radius, "block_bits": plan.block_bits}
+    stats.update(jobs=len(plan.jobs()), candidates=len(pairs), pairs=len(out))
+    return out[:, 0], out[:, 1], out[:, 2], stats
+
+
+def _near_stage(train: pd.DataFrame, alive: np.ndarray, threshold: int, opts: dict):
     """Within-train near duplicates among ``alive`` rows: (removed rows, matched rows, distances, tests, layout
-    differences, MIH stats)."""
+    differences, MIH stats). Layouts are decoded for the rows of candidate pairs only."""
     loose = max(threshold, opts["verify"])
     if loose < 0:  # near-duplicate removal disabled
         return alive[:0], alive[:0], alive[:0], alive[:0], np.zeros(0), np.zeros(0), {"disabled": True}
-    i, j, d, mih = near_duplicate_pairs(hex_to_phash(train["phash"].iloc[alive]), loose, n_bands)
-    layouts = _layouts(train.iloc[alive])
-    test, _, _ = _tests(d, threshold, loose, layouts, layouts, i, j, opts)
+    i, j, d, mih = _alive_pairs(train, alive, loose, opts)
+    paired = np.unique(np.concatenate([i, j]))  # alive positions with a candidate
+    layouts = _layouts(train.iloc[alive[paired]])  # (len(paired), 48) or None
+
+    def tests(dd, ia, ib):
+        return _tests(
+            dd, threshold, loose, layouts, layouts, np.searchsorted(paired, ia), np.searchsorted(paired, ib), opts
+        )
+
+    test, _, _ = tests(d, i, j)
     accept = np.flatnonzero(test >= 0)
     ok, corr = _verify(train, alive[i[accept]], train, alive[j[accept]], opts["pixel_threshold"])
     mih.update(accepted=int(ok.sum()), rejected_by_pixels=int((~ok).sum()))
@@ -285,7 +364,7 @@ def _near_stage(train: pd.DataFrame, alive: np.ndarray, threshold: int, opts: di
     match, dist = greedy_removal(len(alive), i[accept], j[accept], d[accept])  # order (j, d, i) is kept
     near = np.flatnonzero(match >= 0)
     # the test of each kept pair, re-derived (pair_tests is deterministic; the first test that accepts wins)
-    test, raw, norm = _tests(dist[near], threshold, loose, layouts, layouts, match[near], near, opts)
+    test, raw, norm = tests(dist[near], match[near], near)
     corr = np.array([pixel[(a, b)] for a, b in zip(match[near].tolist(), near.tolist(), strict=True)], np.float64)
     return alive[near], alive[match[near]], dist[near], test, np.where(test == 2, norm, raw), corr, mih
 
@@ -341,6 +420,89 @@ def _class_summary(removed: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+OPTION_DEFAULTS = {  # deduplicate's and dedup_unit's keyword options
+    "hamming_threshold": HAMMING_THRESHOLD,
+    "eval_hamming_threshold": EVAL_HAMMING_THRESHOLD,
+    "eval_similarity_threshold": EVAL_SIMILARITY_THRESHOLD,
+    "verify_threshold": VERIFY_THRESHOLD,
+    "eval_verify_threshold": EVAL_VERIFY_THRESHOLD,
+    "layout_threshold": LAYOUT_THRESHOLD,
+    "normalized_layout_threshold": NORMALIZED_LAYOUT_THRESHOLD,
+    "pixel_threshold": PIXEL_THRESHOLD,
+    "image_size": 224,
+    "batch_size": 64,
+}
+
+
+def _options(**given) -> tuple[dict, dict]:
+    """``opts`` (the options the stages read) and the report's ``thresholds`` from ``OPTION_DEFAULTS`` keywords."""
+    unknown = sorted(set(given) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"dedup: unknown options {unknown}")
+    kw = {**OPTION_DEFAULTS, **given}
+    thresholds = {"hamming": kw["hamming_threshold"], "verify_hamming": kw["verify_threshold"]}
+    thresholds.update(eval_hamming=kw["eval_hamming_threshold"], eval_verify_hamming=kw["eval_verify_threshold"])
+    thresholds.update(layout_rms=kw["layout_threshold"], normalized_layout_rms=kw["normalized_layout_threshold"])
+    thresholds.update(eval_similarity=kw["eval_similarity_threshold"], pixel_correlation=kw["pixel_threshold"])
+    opts = {k: kw[k] for k in ("eval_hamming_threshold", "eval_similarity_threshold", "layout_threshold")}
+    opts.update({k: kw[k] for k in ("normalized_layout_threshold", "pixel_threshold", "image_size", "batch_size")})
+    opts["hamming"] = kw["hamming_threshold"]
+    opts["verify"] = -1 if kw["verify_threshold"] is None else kw["verify_threshold"]
+    opts["eval_verify"] = -1 if kw["eval_verify_threshold"] is None else kw["eval_verify_threshold"]
+    return opts, thresholds
+
+
+def _unit_matches(train: pd.DataFrame, units, opts: dict) -> pd.DataFrame:
+    """The eval matches the unit jobs wrote, with ``index`` = row of ``train`` (found by id)."""
+    frames = [pd.read_parquet(Path(u) / "eval_matches.parquet") for u in units]
+    reports = [json.loads((Path(u) / "unit_report.json").read_text()) for u in units]
+    opts["eval_rejected_by_pixels"] = sum(r["eval_rejected_by_pixels"] for r in reports)
+    matches = pd.concat(frames, ignore_index=True)
+    ids = train["id"].to_numpy(np.uint64)
+    index = np.searchsorted(ids, matches["id"].to_numpy(np.uint64))
+    if len(index) and (index.max() >= len(ids) or (ids[index] != matches["id"].to_numpy(np.uint64)).any()):
+        raise ValueError(f"dedup: eval matches of units {list(map(str, units))[:3]} name rows of another manifest")
+    return matches.drop(columns="id").assign(index=index)
+
+
+def dedup_unit(
+    unit_manifest: str | Path,
+    unit: int,
+    dataset: str,
+    eval_index: str | Path,
+    out_dir: str | Path,
+    *,
+    train_split: str = "train",
+    n_bands: int,
+    block_bits: int = 0,
+    descriptor: str = "phash",
+    **options,
+) -> dict[str, Any]:
+    """The per-image half of dedup for one work unit: its eval contamination (``eval_matches.parquet``: id, reason,
+    matched ref, distance, test, layout, pixel; the images of candidate pairs only are decoded) and its band index
+    (``bands.write_band_index``) of its ok ``train_split`` rows. ``options``: ``OPTION_DEFAULTS``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts, _ = _options(**options)
+    train = _ok_rows(Path(unit_manifest), {train_split}, None, unit=unit, dataset=dataset)
+    matches = _eval_matches(train, pd.read_parquet(eval_index), descriptor, opts)
+    matches = matches.assign(id=train["id"].to_numpy(np.uint64)[matches["index"].to_numpy(np.int64)])
+    write_parquet_atomic(matches.drop(columns="index"), out_dir / "eval_matches.parquet")
+    plan = band_lsh.BandPlan(max(opts["hamming"], opts["verify"]), n_bands, block_bits)
+    band_lsh.write_band_index(hex_to_phash(train["phash"]), train["id"].to_numpy(np.uint64), plan, out_dir)
+    report = {"unit": unit, "rows": len(train), "eval_matches": len(matches), "plan": plan.__dict__}
+    report["eval_rejected_by_pixels"] = opts.get("eval_rejected_by_pixels", 0)
+    atomic_write_bytes(out_dir / "unit_report.json", json.dumps(report, indent=2).encode())
+    return report
+
+
+def dedup_block(units, plan: band_lsh.BandPlan, band: int, block: int, out_path: str | Path) -> int:
+    """One (band, block) job over the units' band indexes: its pairs as parquet (a, b: row ids; d). Returns P."""
+    pairs = band_lsh.block_pairs(units, plan, band, block)
+    write_parquet_atomic(pd.DataFrame({"a": pairs[:, 0], "b": pairs[:, 1], "d": pairs[:, 2]}), Path(out_path))
+    return len(pairs)
+
+
 def deduplicate(
     train_manifest: str | Path,
     eval_manifests: list[str | Path],
@@ -358,9 +520,13 @@ def deduplicate(
     train_split: str = "train",
     eval_splits: list[str] | None = None,
     n_bands: int | None = None,
+    block_bits: int = 0,
     image_size: int = 224,
     batch_size: int = 64,
     max_pairs: int = 24,
+    eval_index: str | Path | None = None,
+    units: list[str | Path] | None = None,
+    candidates: list[str | Path] | None = None,
 ) -> dict[str, Any]:
     """Decide which training samples to keep; writes kept.txt, removed.parquet, report.json, pairs.png.
 
@@ -370,26 +536,39 @@ def deduplicate(
     sha256 are always removed); a negative ``normalized_layout_threshold`` disables the colour-shift test. Every
     pair the pHash cascade accepts must also have a thumbnail correlation ``>= pixel_threshold`` (-1: no pixel
     verification; the images of candidate pairs are read from their shards).
+
+    The per-image half may come from the fan-out jobs: ``eval_index`` (``write_eval_index``), ``units`` (the
+    ``dedup_unit`` output directories of every unit: their eval matches replace the in-process check) and
+    ``candidates`` (the ``dedup_block`` pair files of every (band, block) job of ``bands.BandPlan(max(hamming,
+    verify), n_bands, block_bits)``). Without them the same functions run here, on the whole manifest.
     """
     start, out_dir, train_manifest = time.perf_counter(), Path(out_dir), Path(train_manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     if descriptor != "phash" and not Path(descriptor).is_file():
         raise FileNotFoundError(f"descriptor must be 'phash' or a TorchScript file, got {descriptor!r}")
     train = _ok_rows(train_manifest, {train_split}, None)
-    evals = _load_eval(train_manifest, eval_manifests, train_split, eval_splits)
+    evals = _load_eval(train_manifest, eval_manifests, train_split, eval_splits) if eval_index is None else None
+    evals = pd.read_parquet(eval_index) if evals is None else evals
     n = len(train)
-    thresholds = {"hamming": hamming_threshold, "verify_hamming": verify_threshold}
-    thresholds.update(eval_hamming=eval_hamming_threshold, eval_verify_hamming=eval_verify_threshold)
-    thresholds.update(layout_rms=layout_threshold, normalized_layout_rms=normalized_layout_threshold)
-    thresholds.update(eval_similarity=eval_similarity_threshold, pixel_correlation=pixel_threshold)
-    opts = {"eval_hamming_threshold": eval_hamming_threshold, "eval_similarity_threshold": eval_similarity_threshold}
-    opts.update(image_size=image_size, batch_size=batch_size, layout_threshold=layout_threshold)
-    opts.update(normalized_layout_threshold=normalized_layout_threshold, pixel_threshold=pixel_threshold)
-    opts["verify"] = -1 if verify_threshold is None else verify_threshold
-    opts["eval_verify"] = -1 if eval_verify_threshold is None else eval_verify_threshold
+    opts, thresholds = _options(
+        hamming_threshold=hamming_threshold,
+        eval_hamming_threshold=eval_hamming_threshold,
+        eval_similarity_threshold=eval_similarity_threshold,
+        verify_threshold=verify_threshold,
+        eval_verify_threshold=eval_verify_threshold,
+        layout_threshold=layout_threshold,
+        normalized_layout_threshold=normalized_layout_threshold,
+        pixel_threshold=pixel_threshold,
+        image_size=image_size,
+        batch_size=batch_size,
+    )
+    opts.update(bands=n_bands, block_bits=block_bits, candidates=candidates)
+    if (units is None) != (candidates is None) or (units is not None and eval_index is None):
+        raise ValueError("dedup: the fan-out results come together: units, candidates and eval_index")
     reason, matched, distance = np.full(n, None, dtype=object), np.full(n, None, dtype=object), np.zeros(n)
     test, layout, pixel = np.full(n, None, dtype=object), np.full(n, np.nan), np.full(n, np.nan)
-    for rec in _eval_matches(train, evals, descriptor, opts).itertuples():  # (1) eval copies
+    matches = _eval_matches(train, evals, descriptor, opts) if units is None else _unit_matches(train, units, opts)
+    for rec in matches.itertuples():  # (1) eval copies
         reason[rec.index], matched[rec.index], distance[rec.index] = rec.reason, rec.matched, rec.distance
         test[rec.index], layout[rec.index], pixel[rec.index] = rec.test, rec.layout, rec.pixel
     timings = {"eval_s": time.perf_counter() - start}
@@ -398,7 +577,7 @@ def deduplicate(
     dup = first != train["key"].to_numpy()[alive]  # (2) exact duplicates inside train
     reason[alive[dup]], matched[alive[dup]], test[alive[dup]] = "exact_duplicate", first[dup], "sha256"
     t0 = time.perf_counter()
-    near = _near_stage(train, alive[~dup], hamming_threshold, opts, n_bands)
+    near = _near_stage(train, alive[~dup], hamming_threshold, opts)
     rows, kept_rows, dist, tests, values, corr, mih = near
     reason[rows], matched[rows], distance[rows] = "near_duplicate", train["key"].to_numpy()[kept_rows], dist  # (3)
     test[rows], layout[rows], pixel[rows] = [PAIR_TESTS[t] for t in tests.tolist()], values, corr

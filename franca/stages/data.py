@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from franca.stages import dedup_jobs
 from franca.stages.common import add_job_args, add_pairs_arg, job, parse_pairs, start
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     dedup = sub.add_parser("dedup", help="exact, near and eval-copy duplicates -> kept keys, report, data card")
     add_pairs_arg(dedup, "--manifest", "PATH", "manifest of each dataset the dedup config names (repeatable)")
     dedup.add_argument("--out", required=True, help="directory of kept.txt, report.json, datacard.md")
+    dedup.add_argument("--fan-out", default=None, help="dir of eval_index.parquet, units/U/, blocks/ (fan_out config)")
     for child, func in ((fetch, run_fetch), (shard, run_shard), (dedup, run_dedup), (gather, run_gather)):
         add_job_args(child)
         child.set_defaults(func=func)
+    dedup_jobs.add_arguments(sub)
 
 
 def _unit(args: argparse.Namespace) -> dict | None:
@@ -182,6 +185,22 @@ _OPTIONAL_DEDUP_KEYS = ("verify_threshold", "eval_verify_threshold", "layout_thr
 _OPTIONAL_DEDUP_KEYS += ("pixel_threshold",)
 
 
+def _fan_out_inputs(dd: dict, fan_out_dir: str | None, train_manifest: str) -> dict:
+    """deduplicate's keywords for the fan-out jobs' results (``fan_out`` config), or none (all in this job)."""
+    if not dd.get("fan_out"):
+        return {"n_bands": None}
+    if fan_out_dir is None:
+        raise SystemExit(f"{dd['train']}: the dedup config has fan_out; pass --fan-out DIR (workflow/rules/dedup.smk)")
+    plan, root = dedup_jobs.plan_of(dd), Path(fan_out_dir)
+    return {
+        "n_bands": plan.bands,
+        "block_bits": plan.block_bits,
+        "eval_index": root / "eval_index.parquet",
+        "units": dedup_jobs.unit_dirs(root / "units", train_manifest),
+        "candidates": [root / "blocks" / f"b{b}-p{p}.parquet" for b, p in plan.jobs()],
+    }
+
+
 def run_dedup(args: argparse.Namespace) -> int:
     from franca.data.datacard import write_datacard
     from franca.data.dedup import deduplicate
@@ -195,6 +214,7 @@ def run_dedup(args: argparse.Namespace) -> int:
     if absent:
         raise SystemExit(f"{args.config}: dedup names dataset {absent[0]!r} but no --manifest {absent[0]}=PATH")
     manifests = sorted(set(paths.values()))
+    fan_out = _fan_out_inputs(dd, args.fan_out, paths[train_ds])
     with job("dedup", args, dd, out, inputs=manifests, tags={"train": dd["train"]}) as current:
         report = deduplicate(
             paths[train_ds],
@@ -206,6 +226,7 @@ def run_dedup(args: argparse.Namespace) -> int:
             **{k: dd[k] for k in _OPTIONAL_DEDUP_KEYS if k in dd},
             train_split=train_split,
             eval_splits=sorted({split for _, split in eval_refs}),
+            **fan_out,
         )
         write_datacard(manifests, out / "report.json", out / "datacard.md")
         current.extra["dedup"] = {k: v for k, v in report.items() if not isinstance(v, list | dict)}  # counts

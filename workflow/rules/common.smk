@@ -238,6 +238,55 @@ def optional(flag, key):
     return lambda w, input: f"--{flag} {input[key]}" if key in input.keys() else ""
 
 
+# --- dedup fan-out (workflow/rules/dedup.smk) ---
+
+
+def dedup_config(dataset):
+    """The composed config of the (first) experiment whose dedup trains on `dataset`."""
+    return next(c for c in CFG.values() if fc.dedup_dataset(c) == dataset)
+
+
+def dedup_fan_out(dataset):
+    return dedup_config(dataset)["data"]["dedup"].get("fan_out")
+
+
+def dedup_manifest(w):
+    """The train dataset's manifest, as the dedup job reads it (`dedup_inputs`)."""
+    return next(p for p in dedup_inputs(w)["manifests"] if p.split("/")[1] == w.dataset)
+
+
+def dedup_unit_names(dataset):
+    """The work units of the train dataset (issue 17 contract: `franca.data.units.list_units`, helper units)."""
+    from franca.data.units import list_units
+
+    return [u["unit"] for u in list_units(fc.dataset_job_config(dedup_config(dataset), dataset))]
+
+
+def dedup_fan_out_inputs(w):
+    """The inputs of `dedup`: manifests, shards, config, and with fan_out the eval index and every job's output."""
+    inputs = dedup_inputs(w)
+    fan = dedup_fan_out(w.dataset)
+    if fan:
+        root = f"data/dedup/{w.dataset}/fan_out"
+        inputs["eval_index"] = f"{root}/eval_index.parquet"
+        inputs["units"] = [f"{root}/units/{u}/unit_report.json" for u in dedup_unit_names(w.dataset)]
+        blocks = range(2 ** fan.get("block_bits", 0))
+        inputs["blocks"] = [f"{root}/blocks/b{b}-p{p}.parquet" for b in range(fan["bands"]) for p in blocks]
+    return inputs
+
+
+def dedup_eval_inputs(w):
+    """The eval index's inputs: the config, and the manifests and shards of the eval datasets only (not the train
+    set's, unless it holds eval splits), so that unit jobs start while the train set is still being sharded."""
+    evals = {ref.split(":")[0] for ref in dedup_config(w.dataset)["data"]["dedup"]["eval"]}
+    inputs = dedup_inputs(w)
+    return {k: v if k == "config" else [p for p in v if p.split("/")[1] in evals] for k, v in inputs.items()}
+
+
+def manifest_args(w, input):
+    return " ".join(f"--manifest {p.split('/')[1]}={p}" for p in input.manifests)
+
+
 def eval_shards(w):
     """Shard directories of the features job: the classification and dense datasets of its experiment."""
     return {f"shards_{name}": shard_dir(name) for name in fc.eval_datasets(cfg(w.exp, w.seed))}

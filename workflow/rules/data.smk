@@ -72,24 +72,3 @@ rule gather:
         "franca data gather --config {input.config} --dataset {wildcards.dataset} --unit-dirs {params.units} "
         "--out {params.out} {params.tags} 2> {log}"
 
-
-rule dedup:
-    input:
-        unpack(dedup_inputs),
-    output:
-        kept="data/dedup/{dataset}/kept.txt",
-        report="data/dedup/{dataset}/report.json",
-        card="data/dedup/{dataset}/datacard.md",
-    params:
-        manifests=lambda w, input: " ".join(f"--manifest {p.split('/')[1]}={p}" for p in input.manifests),
-        tags=tags("dedup"),
-    threads: threads_of("dedup")
-    resources:
-        **resources_of("dedup"),
-    conda:
-        "../../envs/franca.yaml"
-    log:
-        "logs/dedup/{dataset}.log",
-    shell:
-        "franca data dedup --config {input.config} {params.manifests} --out data/dedup/{wildcards.dataset} "
-        "--threads {threads} {params.tags} 2> {log}"
