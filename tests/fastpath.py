@@ -14,26 +14,28 @@ from numerics import EPS32, SPREAD_FACTOR, relative_spread, report
 FLOOR = 16 * EPS32
 
 
-def crops(dtype):
+def crops(dtype, device="cpu"):
     """[globals (4, 3, 16, 16), locals (8, 3, 8, 8)] and their masks [(4, 16) bool, None] for patch size 4."""
     g = torch.Generator().manual_seed(0)
     x_g, x_l = torch.randn(4, 3, 16, 16, generator=g), torch.randn(8, 3, 8, 8, generator=g)
     masks = torch.rand(4, 16, generator=g) < 0.4
-    return [x_g.to(dtype), x_l.to(dtype)], [masks, None]
+    return [x_g.to(device, dtype), x_l.to(device, dtype)], [masks.to(device), None]
 
 
-def run_backbone(model, dtype, seed=3) -> dict[str, torch.Tensor]:
-    """Features and parameter gradients of one forward on [masked globals, locals] (``model`` is moved to dtype)."""
-    model = model.to(dtype)
+def run_backbone(model, dtype, seed=3, device="cpu") -> dict[str, torch.Tensor]:
+    """Features and parameter gradients (float64, on the CPU) of one forward on [masked globals, locals]; ``model``
+    is moved to dtype and device. Runs under whatever autocast the caller has entered."""
+    model = model.to(device, dtype)
     model.zero_grad(set_to_none=True)
-    x, masks = crops(dtype)
+    x, masks = crops(dtype, device)
     torch.manual_seed(seed)  # the drop-path draws
     outs = model(x, masks=masks, is_training=True)
     feats = {f"{k}{i}": o[k] for i, o in enumerate(outs) for k in ("x_norm_clstoken", "x_norm_patchtokens")}
     weights = torch.Generator().manual_seed(1)
-    sum((f * torch.randn(f.shape, generator=weights).to(dtype)).sum() for f in feats.values()).backward()
+    loss = sum((f.float() * torch.randn(f.shape, generator=weights).to(device)).sum() for f in feats.values())
+    loss.backward()
     grads = {f"grad.{n}": p.grad for n, p in model.named_parameters()}
-    return {k: v.detach().clone() for k, v in {**feats, **grads}.items()}
+    return {k: v.detach().double().cpu() for k, v in {**feats, **grads}.items()}
 
 
 def assert_matches_float64(name: str, candidate: dict, reference: dict, reference64: dict) -> None:

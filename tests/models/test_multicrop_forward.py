@@ -46,3 +46,26 @@ def test_packed_multicrop_equals_per_resolution(mode, rate):
 def test_unknown_multicrop_forward_names_the_key():
     with pytest.raises(ValueError, match="model.multicrop_forward"):
         build_backbone({**CFG, "multicrop_forward": "nested"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_flash_attention_in_bf16_equals_the_reference_on_cuda():
+    """The GPU fast path (packed multi-crop, SDPA restricted to the FlashAttention kernel, bf16 autocast) against the
+    reference path (per resolution, explicit attention) in bf16 autocast, both judged against float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    # head_dim 64: a FlashAttention shape; no drop path (CUDA draws float32 and float64 masks differently; the
+    # draws of both paths are shown equal on the CPU above)
+    cfg = {**CFG, "embed_dim": 128}
+    model = build_backbone(cfg).train()
+    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        fast = run_backbone(model, torch.float32, device="cuda")
+    model.multicrop_forward = "per_resolution"
+    for blk in model.blocks:
+        blk.attn.attn_impl = "explicit"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = run_backbone(model, torch.float32, device="cuda")
+    reference64 = run_backbone(model, torch.float64, device="cuda")
+    assert_matches_float64("packed + flash, bf16, cuda", fast, reference, reference64)
