@@ -140,6 +140,7 @@ class DataPipeline:
                 collate_fn=stack_crops if self.augment_device == "pil" else list,
                 generator=gen,
                 persistent_workers=True,
+                pin_memory=self.device.type == "cuda",  # page-locked batches: _to_device's copies run asynchronously
             )
             self._iter = iter(loader)
         else:
