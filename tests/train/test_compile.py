@@ -18,6 +18,7 @@ from franca.train.loop import compile_regions
 
 def test_compiled_blocks_equal_eager_blocks():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters of earlier compilations in this process
     model = build(**{"model.drop_path_rate": 0.3, "model.depth": 3})  # per_sample drop path, packed multi-crop
     eager = copy.deepcopy(model.student["backbone"])
     assert compile_regions(model, {"train": {"compile": False}}) is model
