@@ -13,7 +13,8 @@ of each variant per round, so a shared machine's load hits them alike):
 The variants share one model (the attention and multi-crop switches are module attributes) and keep one optimizer
 per AdamW kernel, so a large preset fits once in memory. MFU uses ``franca.flops.training_step_flops`` over the
 sgemm (CPU) / bf16 matmul (CUDA) peak measured before every round, as benchmarks/bench_mfu.py. On CPU each step's
-process CPU time is recorded too (with ``--threads 1``, the ratio least moved by other jobs on a shared machine).
+process CPU time is recorded too (with ``--threads 1``, the ratio least moved by other jobs on a shared machine), and
+``mfu_cpu_s`` divides the FLOP per CPU-second of each variant by the sgemm FLOP per CPU-second.
 
     python benchmarks/bench_fast_paths.py --threads 1 --shapes tiny small --batch tiny=32 small=2 --steps 3
 
@@ -60,6 +61,18 @@ VARIANTS = {
 }
 
 
+def sgemm_cpu_peak(n: int, repeats: int = 5) -> float:
+    """Best FLOP per CPU-second of an n x n fp32 matmul (process CPU time: the other jobs' load moves it little)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - start)
+    return 2 * n**3 / best
+
+
 def _set_paths(model, variant: dict) -> None:
     for part in (model.student, model.teacher):
         backbone = part["backbone"]
@@ -97,9 +110,11 @@ def run_shape(name: str, args, device: torch.device) -> dict:
     batches = [random_batch(cfg, i, device) for i in range(2)]
     clip = cfg["optim"]["clip_grad"]
     times, cpu_times = {v: [] for v in runs}, {v: [] for v in runs}
-    compile_s, peaks = None, []
+    compile_s, peaks, cpu_peaks = None, [], []
     for rnd in range(args.warmup + args.steps):
         peaks.append(matmul_peak(device, args.peak_n))
+        if device.type == "cpu":
+            cpu_peaks.append(sgemm_cpu_peak(args.peak_n))
         for variant, (model, optimizer, paths) in runs.items():
             _set_paths(model, paths)
             _sync(device)
@@ -131,6 +146,11 @@ def run_shape(name: str, args, device: torch.device) -> dict:
         "cpu_s": cpu_times,
         "cpu_s_median": cpu_medians,
         "cpu_speedup_vs_reference": {v: cpu_medians["reference"] / m for v, m in cpu_medians.items()},
+        # FLOP per CPU-second of each variant over the sgemm FLOP per CPU-second (both in process CPU time)
+        "sgemm_flops_per_cpu_s": statistics.median(cpu_peaks) if cpu_peaks else None,
+        "mfu_cpu_s": {v: step_flops / m / statistics.median(cpu_peaks) for v, m in cpu_medians.items()}
+        if cpu_peaks
+        else None,
         "mfu": {v: step_flops / m / peak for v, m in medians.items()},
     }
     if compile_s is not None:
