@@ -35,14 +35,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Per-head attention of one group of equal-length sequences: qkv (B, N, 3D) -> (B, N, D), before proj."""
+        b, n, d3 = qkv.shape
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, d_h)
         if self.attn_impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             out = attn.softmax(dim=-1) @ v
-        out = out.transpose(1, 2).reshape(b, n, d)  # (B, N, D)
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(b, n, d3 // 3)  # (B, N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.attend(self.qkv(x)))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["DROP_PATH_MODES", "DropPath", "batch_subset_residual", "drop_path"]
+__all__ = ["DROP_PATH_MODES", "DropPath", "batch_subset_residual", "drop_path", "subset_size"]
 
 DROP_PATH_MODES = ("per_sample", "batch_subset")
 
@@ -44,12 +44,17 @@ class DropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
+def subset_size(b: int, p: float) -> int:
+    """floor(b (1 - p)) samples, at least one."""
+    return max(int(b * (1 - p)), 1)
+
+
 def batch_subset_residual(
     x: torch.Tensor, residual_fn: Callable[[torch.Tensor], torch.Tensor], p: float
 ) -> torch.Tensor:
     """x + residual on a random subset of floor(b (1 - p)) samples, scaled by b / subset (DINOv2's form)."""
     b = x.shape[0]
-    subset = max(int(b * (1 - p)), 1)
+    subset = subset_size(b, p)
     idx = torch.randperm(b, device=x.device)[:subset]
     residual = residual_fn(x[idx])  # (subset, N, D)
     return torch.index_add(x, 0, idx, residual.to(x.dtype), alpha=b / subset)

@@ -5,7 +5,10 @@ bicubically at run time (DINO's offset trick), a mask token that replaces masked
 position embedding is added, pre-norm blocks with LayerScale, and a final LayerNorm on all tokens.
 
 The official code batches crops of two resolutions into one xFormers "nested" sequence with a block-diagonal
-attention mask; here ``forward_features_list`` runs one pass per resolution, which is the same maths.
+attention mask. ``multicrop_forward`` (config ``model.multicrop_forward``) picks how ``forward_features_list`` runs
+the list of crop tensors: ``packed`` (default) passes all groups through each block together (token-wise ops on the
+concatenated tokens, attention per group, which is what the block-diagonal mask computes), ``per_resolution`` runs
+one full pass per tensor (the reference). Both give the same result, drop-path draws included.
 ``block_chunks`` (FSDP grouping only) is not reproduced; ``franca.models.official_keys`` maps chunked state dicts.
 """
 
@@ -26,6 +29,7 @@ from franca.layers.patch_embed import PatchEmbed
 
 __all__ = [
     "ARCHS",
+    "MULTICROP_FORWARDS",
     "DinoVisionTransformer",
     "build_backbone",
     "vit_base",
@@ -36,6 +40,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+MULTICROP_FORWARDS = ("packed", "per_resolution")
 
 
 class DinoVisionTransformer(nn.Module):
@@ -61,8 +67,12 @@ class DinoVisionTransformer(nn.Module):
         interpolate_offset: float = 0.1,
         interpolate_antialias: bool = False,
         attn_impl: str = "sdpa",
+        multicrop_forward: str = "packed",
     ) -> None:
         super().__init__()
+        if multicrop_forward not in MULTICROP_FORWARDS:
+            raise ValueError(f"model.multicrop_forward must be one of {MULTICROP_FORWARDS}, got {multicrop_forward!r}")
+        self.multicrop_forward = multicrop_forward
         self.embed_dim = self.num_features = embed_dim
         self.patch_size = patch_size
         self.n_blocks = depth
@@ -170,12 +180,25 @@ class DinoVisionTransformer(nn.Module):
         masks_list: Sequence[torch.Tensor | None] | None = None,
         rasa_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> list[dict]:
-        """One separate pass per crop resolution (equal to the official nested block-diagonal pass)."""
+        """One feature dict per crop tensor: all tensors through each block together (``packed``, the official
+        nested pass) or one pass per tensor (``per_resolution``); the same maths and the same drop-path draws."""
         if masks_list is None:
             masks_list = [None] * len(x_list)
         if len(masks_list) != len(x_list):
             raise ValueError(f"{len(x_list)} crop tensors but {len(masks_list)} masks")
-        return [self.forward_features(x, m, rasa_head=rasa_head) for x, m in zip(x_list, masks_list, strict=True)]
+        if self.multicrop_forward == "per_resolution" or len(x_list) == 1:
+            return [self.forward_features(x, m, rasa_head=rasa_head) for x, m in zip(x_list, masks_list, strict=True)]
+        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list, strict=True)]  # (B_g, N_g, D)
+        drops = self._draw_drops(xs)
+        for blk, blk_drops in zip(self.blocks, drops, strict=True):
+            xs = blk(xs, drops=blk_drops)
+        return [self._output_dict(x, m, rasa_head) for x, m in zip(xs, masks_list, strict=True)]
+
+    def _draw_drops(self, xs: list[torch.Tensor]) -> list[list[tuple]]:
+        """drops[block][group] = (attn draw, ffn draw), drawn group by group, block by block: the order in which the
+        per-resolution path draws them, so both paths consume the RNG identically."""
+        per_group = [[(blk.draw_drop(x.shape[0], x), blk.draw_drop(x.shape[0], x)) for blk in self.blocks] for x in xs]
+        return [list(group_draws) for group_draws in zip(*per_group, strict=True)]
 
     def get_intermediate_layers(
         self,
@@ -258,6 +281,7 @@ _MODEL_KEYS = (
     "interpolate_offset",
     "interpolate_antialias",
     "attn_impl",
+    "multicrop_forward",
 )
 
 

@@ -42,7 +42,7 @@ from franca.train.highres import init_from_checkpoint, load_prefixed
 from franca.train.optim import apply_schedules, build_optimizer, clip_gradients
 from franca.train.schedules import build_schedules, cfg_get
 
-__all__ = ["DataPipeline", "plain_config", "run_option", "train", "train_step"]
+__all__ = ["DataPipeline", "FiniteGuard", "compile_regions", "plain_config", "run_option", "train", "train_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class DataPipeline:
                 collate_fn=stack_crops if self.augment_device == "pil" else list,
                 generator=gen,
                 persistent_workers=True,
+                pin_memory=self.device.type == "cuda",  # page-locked batches: _to_device's copies run asynchronously
             )
             self._iter = iter(loader)
         else:
@@ -205,21 +206,52 @@ def _precision(cfg: Mapping, device: torch.device) -> tuple[str, Callable[[], co
     return precision, lambda: torch.autocast("cuda", dtype=dtype)
 
 
-def _check_finite(losses: Mapping[str, torch.Tensor], it: int) -> None:
-    """Raise FloatingPointError on every rank when the loss is NaN/inf on any rank (one tiny all-reduce)."""
-    bad = torch.zeros(1, device=losses["loss"].device)
-    bad += (~torch.isfinite(losses["loss"].detach())).any().float()
-    D.sk_all_reduce(bad)
-    if bad.item() > 0:
-        shown = {k: v for k, v in losses.items() if torch.is_tensor(v) and v.numel() < 16}
-        terms = ", ".join(f"{k}={v.detach().float().cpu().tolist()}" for k, v in shown.items())
-        raise FloatingPointError(
-            f"non-finite loss at iteration {it} on {int(bad.item())} rank(s); terms on rank {D.get_rank()}: {terms}"
-        )
+class FiniteGuard:
+    """Spec 2.5's "a NaN in the loss raises", with one host sync every ``period`` steps (``train.nan_check_period``,
+    default 1: every step, as the official code). Between checks each step only ORs its flag into a device tensor and
+    keeps the iteration and loss terms of the first non-finite step, so no step is missed; a check all-reduces the
+    flag (every rank raises together) and raises FloatingPointError naming that iteration and its terms."""
+
+    def __init__(self, period: int = 1) -> None:
+        if int(period) < 1:
+            raise ValueError(f"config key train.nan_check_period must be >= 1, got {period!r}")
+        self.period = int(period)
+        self.bad = self.first = self.terms = None
+
+    def update(self, losses: Mapping[str, torch.Tensor], it: int) -> None:
+        """Record this step's flag on the device (no host sync); check when ``it + 1`` is a multiple of the period."""
+        bad = (~torch.isfinite(losses["loss"].detach())).any()
+        small = {k: v.detach().float() for k, v in losses.items() if torch.is_tensor(v) and v.numel() < 16}
+        if self.bad is None:
+            self.bad, self.first, self.terms = torch.zeros_like(bad), torch.full_like(bad, -1, dtype=torch.long), small
+        newly = bad & ~self.bad  # the first non-finite step since the last check
+        self.first = torch.where(newly, torch.full_like(self.first, it), self.first)
+        self.terms = {k: torch.where(newly, v, self.terms[k]) for k, v in small.items()}
+        self.bad = self.bad | bad
+        if (it + 1) % self.period == 0:
+            self.check(it)
+
+    def check(self, it: int) -> None:
+        """One all-reduce and host sync; raise if any step since the last check had a non-finite loss on any rank."""
+        if self.bad is None:
+            return
+        flag = self.bad.float().reshape(1)
+        D.sk_all_reduce(flag)
+        if flag.item() > 0:
+            first = int(self.first.item())
+            seen = f"iteration {first} (checked at iteration {it})" if first >= 0 else f"a step before iteration {it}"
+            terms = ", ".join(f"{k}={v.cpu().tolist()}" for k, v in self.terms.items())
+            raise FloatingPointError(
+                f"non-finite loss at {seen} on {int(flag.item())} rank(s); terms on rank {D.get_rank()}: {terms}"
+            )
+        self.bad = self.first = self.terms = None
 
 
-def train_step(model, batch: Mapping, optimizer, scaler, values: Mapping[str, float], clip_grad, autocast, it: int):
-    """One iteration of spec 2.6 (steps 1-6); returns (loss dict, grad norms) as detached tensors."""
+def train_step(
+    model, batch: Mapping, optimizer, scaler, values: Mapping[str, float], clip_grad, autocast, it: int, guard=None
+):
+    """One iteration of spec 2.6 (steps 1-6); returns (loss dict, grad norms) as detached tensors. ``guard``: the
+    run's :class:`FiniteGuard` (None: a check of this step alone, with its host sync)."""
     apply_schedules(optimizer, values["lr"], values["wd"], values["last_layer_lr"])  # 1
     optimizer.zero_grad(set_to_none=True)  # 2
     with torch.no_grad(), autocast():  # 3
@@ -227,7 +259,7 @@ def train_step(model, batch: Mapping, optimizer, scaler, values: Mapping[str, fl
     with autocast():  # 4
         student_out = model.student_outputs(batch)
         losses = model.compute_losses(student_out, targets, batch)
-    _check_finite(losses, it)
+    (guard or FiniteGuard(1)).update(losses, it)
     if scaler is not None:
         scaler.scale(losses["loss"]).backward()
     else:
@@ -310,7 +342,22 @@ def _build_model(cfg: Mapping, info: D.DistInfo, seed: int):
 
     torch.manual_seed(seed)  # identical initialisation on every rank (DDP also broadcasts the student)
     model = SSLMetaArch(cfg, D.sk_all_reduce, world_size=info.world_size, all_reduce_max=D.sk_all_reduce_max)
-    return model.to(info.device)
+    return compile_regions(model.to(info.device), cfg)
+
+
+def compile_regions(model, cfg: Mapping):
+    """``train.compile`` (default false): torch.compile each transformer block of the student and teacher backbones
+    in place (``nn.Module.compile``: parameter names, state dicts and DDP/FSDP wrapping unchanged; the blocks share
+    shapes, so one compilation serves all). ``train.compile_backend`` picks the backend (default inductor). The
+    packed multi-crop pass draws its drop paths outside the blocks, so compiled blocks see the eager draws."""
+    if not bool(cfg_get(cfg, "train.compile", False)):
+        return model
+    backend = str(cfg_get(cfg, "train.compile_backend", "inductor"))
+    for part in (model.student, model.teacher):
+        for block in part["backbone"].blocks:
+            block.compile(backend=backend)
+    logger.info("torch.compile (%s) of the backbone blocks", backend)
+    return model
 
 
 def _resume_into(model, resume: Mapping, info: D.DistInfo) -> None:
@@ -397,16 +444,18 @@ def train(
     period, log_period = int(run_option(cfg, "checkpoint_period")), max(1, int(run_option(cfg, "log_period")))
     keep, clip = int(run_option(cfg, "keep_checkpoints")), cfg_get(cfg, "optim.clip_grad", None)
     images_per_step = data.batch_size * info.world_size
+    guard = FiniteGuard(cfg_get(cfg, "train.nan_check_period", 1))
     bar = tqdm(total=total, initial=start_it, disable=not (progress and main), desc="train", dynamic_ncols=True)
     last = {}
     t_log, steps_since_log = time.perf_counter(), 0
     for it in range(start_it, total):
         batch = _to_device(data.next_batch(), info.device)
         values = schedules.at(it)
-        losses, norms = train_step(model, batch, optimizer, scaler, values, clip, autocast, it)
+        losses, norms = train_step(model, batch, optimizer, scaler, values, clip, autocast, it, guard)
         steps_since_log += 1
         bar.update(1)
         if it % log_period == 0 or it == total - 1:  # 7
+            guard.check(it)  # logging syncs anyway
             metrics = D.mean_over_ranks(_flatten_metrics(losses, norms))
             _logged_variants(metrics)
             elapsed = time.perf_counter() - t_log
@@ -420,6 +469,7 @@ def train(
                 if log_fn is not None:
                     log_fn(it, metrics)
         if period > 0 and (it + 1) % period == 0 and it + 1 < total:
+            guard.check(it)  # never a checkpoint of a diverged run
             state = _rolling_state(model, optimizer, scaler, data, it + 1, info.world_size)
             if state is not None:
                 ckpt_io.save_rolling(ckpt_dir, state, cfg, iteration=it + 1, keep=keep)

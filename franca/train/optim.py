@@ -4,6 +4,10 @@ Spec 2.5: AdamW (betas 0.9, 0.999); every iteration sets each group's lr to ``lr
 for the prototype layers, 0 while they are frozen) and its weight decay to ``wd * wd_multiplier`` (the multiplier is
 0 for biases, norms and LayerScale gammas); the gradient norm is clipped to ``clip_grad`` separately for each student
 sub-module (backbone, dino_head, ibot_head) after unscaling.
+
+``optim.adamw_impl`` picks torch's AdamW kernel, the same update in every case: ``fused`` (default: one kernel per
+fused group and dtype, on CUDA and on CPU), ``foreach`` (multi-tensor ops) or ``for_loop`` (the per-parameter
+reference). The per-group lr and weight decay, and so every multiplier, apply identically in the three.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from torch import nn
 
 from franca.train.schedules import cfg_get
 
-__all__ = ["apply_schedules", "build_optimizer", "clip_gradients", "fuse_param_groups"]
+__all__ = ["ADAMW_IMPLS", "apply_schedules", "build_optimizer", "clip_gradients", "fuse_param_groups"]
 
 logger = logging.getLogger(__name__)
 
 _GROUP_KEYS = ("wd_multiplier", "lr_multiplier", "is_last_layer")
+ADAMW_IMPLS = ("fused", "foreach", "for_loop")
 
 
 def fuse_param_groups(groups: Iterable[Mapping]) -> list[dict]:
@@ -52,11 +57,15 @@ def fuse_param_groups(groups: Iterable[Mapping]) -> list[dict]:
 def build_optimizer(param_groups: Iterable[Mapping], cfg: Mapping) -> torch.optim.AdamW:
     """AdamW over the fused groups; lr and weight decay are set by :func:`apply_schedules` before every step."""
     betas = tuple(float(b) for b in cfg_get(cfg, "optim.betas", (0.9, 0.999)))
+    impl = str(cfg_get(cfg, "optim.adamw_impl", "fused"))
+    if impl not in ADAMW_IMPLS:
+        raise ValueError(f"config key optim.adamw_impl must be one of {ADAMW_IMPLS}, got {impl!r}")
     groups = fuse_param_groups(param_groups)
     for g in groups:
         g["lr"], g["weight_decay"] = 0.0, 0.0
-    logger.info("AdamW betas=%s over %d fused groups", betas, len(groups))
-    return torch.optim.AdamW(groups, lr=0.0, betas=betas, weight_decay=0.0)
+    logger.info("AdamW (%s) betas=%s over %d fused groups", impl, betas, len(groups))
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    return torch.optim.AdamW(groups, lr=0.0, betas=betas, weight_decay=0.0, **kernel)
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
