@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from franca.config import compose, stage_config
 from franca.data.shards import iter_samples, list_shards
@@ -81,6 +80,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--experiment", default="franca")
     ap.add_argument("--data", default="/tmp/evidence/data")
+    ap.add_argument("--style", default="", help="generator style (franca.data.synthetic.STYLES); default the config's")
     ap.add_argument("--out", default="/tmp/evidence/runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -88,9 +88,7 @@ def main() -> None:
     ds = dict(cfg["data"]["datasets"]["synth"])
     synth = {k: ds[k] for k in ("seed", "n_train", "n_val", "image_size", "n_classes", "position_bias", "shard_size")}
     synth["n_test"] = 0
-    for k in ("kind",):
-        if k in ds:
-            synth[k] = ds[k]
+    synth["style"] = args.style or ds.get("style", "shapes")
     shards = make_data(Path(args.data), synth)
     stage = stage_config(cfg, "pretrain")
     if args.iters:

@@ -54,6 +54,9 @@ def main() -> None:
             "levels": [],
         }
         n = cls.shape[0]
+        head = model.teacher["dino_head"]
+        gs = [float(last.weight_g.abs().mean()) for last in head.last_layers] if hasattr(head, "last_layers") else []
+        out["weight_g_mean_per_level"] = [round(g, 4) for g in gs]
         for z in levels:
             t = sk.dino_targets(z, args.temp)
             ent = float(-(t * t.clamp_min(1e-12).log()).sum(-1).mean())
