@@ -353,10 +353,11 @@ def training_phase(path: Path) -> tuple[str, int, str, int]:
 
 
 def collect_training(paths: Iterable[Path], sources: SourceIndex) -> pd.DataFrame:
-    """Loss terms over iterations. Columns: exp, seed, phase, iteration (global), term, value, source.
+    """Loss terms over iterations. Columns: exp, seed, phase, iteration (global), term, value, source, uniform.
 
-    A term is every numeric key whose name contains ``loss``. When a phase restarts its iteration counter, its
-    iterations are offset so that the x axis stays monotone across phases.
+    A term is every numeric key whose name contains ``loss``; ``uniform`` is the value the training log gives for it
+    with all targets uniform (``<term>`` with ``_loss`` -> ``_uniform``; NaN when not logged). When a phase
+    restarts its iteration counter, its iterations are offset so that the x axis stays monotone across phases.
     """
     runs: dict[tuple[str, int], list[tuple[int, str, Path]]] = {}
     for path in map(Path, paths):
@@ -377,9 +378,12 @@ def collect_training(paths: Iterable[Path], sources: SourceIndex) -> pd.DataFram
             for it, rec in zip(iters, records, strict=True):
                 for term, value in rec.items():
                     if "loss" in term and isinstance(value, int | float) and not isinstance(value, bool):
-                        rows.append((exp, seed, phase, it, term, float(value), key))
+                        uniform = rec.get(term.replace("_loss", "_uniform"))  # the term's uniform-target value
+                        uniform = float(uniform) if isinstance(uniform, int | float) and uniform else float("nan")
+                        rows.append((exp, seed, phase, it, term, float(value), key, uniform))
             offset = max(iters, default=offset)
-    return pd.DataFrame(rows, columns=["exp", "seed", "phase", "iteration", "term", "value", "source"])
+    columns = ["exp", "seed", "phase", "iteration", "term", "value", "source", "uniform"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _iteration(record: dict, index: int) -> int:

@@ -43,7 +43,8 @@ def _png(fig: plt.Figure, **spacing: float) -> bytes:
 
 
 def training_curves(frame: pd.DataFrame, exp: str) -> bytes | None:
-    """Loss terms of one experiment over global iterations; seeds as thin lines, phase starts as dotted lines."""
+    """Loss terms of one experiment over global iterations; seeds as thin lines, phase starts as dotted lines, the
+    uniform-target value of a clustering term (column ``uniform``) as a dashed line."""
     sub = frame[frame["exp"] == exp]
     if sub.empty:
         return None
@@ -57,6 +58,9 @@ def training_curves(frame: pd.DataFrame, exp: str) -> bytes | None:
                 group = group.sort_values("iteration")
                 label = f"seed {seed}" if k == 0 else None
                 ax.plot(group["iteration"], group["value"], lw=0.8, color=f"C{i}", label=label)
+        uniform = sub.loc[sub["term"] == term, "uniform"] if "uniform" in sub else pd.Series(dtype=float)
+        if uniform.notna().any():  # a clustering term: its uniform-target value (sum_l log K_l, weighted)
+            ax.axhline(float(uniform.mean()), ls="--", color="k", lw=0.8, label="uniform targets")
         starts = sub.groupby("phase")["iteration"].min().sort_values()
         for phase, start in list(starts.items())[1:]:
             ax.axvline(start, ls=":", color="gray", lw=0.8)
@@ -66,7 +70,9 @@ def training_curves(frame: pd.DataFrame, exp: str) -> bytes | None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(terms) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[: len(terms)]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(f"Training losses: {exp}", fontsize=10)
     return _png(fig)
 

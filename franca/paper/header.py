@@ -16,10 +16,12 @@ from franca.paper.collect import PaperInputError, read_json
 SCOPE = (
     (
         "tiny",
-        "A smoke test: generated 64 px images, a ~0.2 M-parameter ViT and CPU minutes. It shows that every stage "
-        "runs end to end and that every number traces back to its files, run and commit. Its numbers are far "
-        "from convergence and cannot confirm or refute the paper's claims; differences smaller than the seed spread "
-        "mean nothing.",
+        "A smoke test: generated 64 px images, a ~0.2 M-parameter ViT and CPU minutes. It can show that every stage "
+        "runs end to end and that every number traces back to its files, run and commit. It cannot show the paper's "
+        "claims: in 100 iterations the DINO term stays at its uniform-target value (dashed on the training curves) "
+        "and iBOT barely moves, so the k-NN gain comes from KoLeo spreading the CLS token; the generated classes "
+        "are given away by colour and position, so raw pixels beat every trained model; differences smaller than "
+        "the seed spread mean nothing. docs/tiny-evidence.md has the measurements.",
     ),
     (
         "small",

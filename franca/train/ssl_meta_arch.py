@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from franca.layers.dino_head import DINOHead
 from franca.layers.mrl_dino_head import MRLDINOHead
 from franca.loss.koleo_loss import KoLeoLoss
-from franca.loss.mrl_dino_loss import MRLDINOLoss
+from franca.loss.mrl_dino_loss import MRLDINOLoss, dino_loss_terms
 from franca.loss.mrl_ibot_patch_loss import MRLiBOTPatchLoss
 from franca.loss.sinkhorn_knopp import SinkhornKnopp
 from franca.models.vision_transformer import build_backbone
@@ -225,11 +226,29 @@ class SSLMetaArch(nn.Module):
         losses["total_loss_logged"] = (
             dino["local"].detach() + dino["global"].detach() + losses["koleo_loss_logged"] + losses["ibot_loss_logged"]
         )
+        losses.update(self._uniform_values(batch, n_local))
         for i, (lo, gl) in enumerate(zip(dino["local_levels"], dino["global_levels"], strict=True)):
             losses[f"dino_level{i}"] = (lo + gl).detach()
         for i, level in enumerate(ibot["levels"]):
             losses[f"ibot_level{i}"] = level.detach()
         return losses
+
+    def _uniform_values(self, batch: Mapping, n_local: int) -> dict[str, torch.Tensor]:
+        """What each clustering term would be if every target were uniform (sum over levels of log K_l): the DINO
+        terms with their crop-pair weights, iBOT times the share of global crops that carry a mask (issue 13)."""
+        log_k = {name: sum(math.log(k) for k in unwrap_module(self.student[name]).out_dims) for name in self.student
+                 if name.endswith("_head")}  # fmt: skip
+        n_terms = dino_loss_terms(N_GLOBAL_CROPS, n_local)
+        masks = batch["collated_masks"]  # (2B, N) bool
+        masked_share = masks.flatten(1).any(dim=1).float().mean()
+        ibot_k = log_k["ibot_head"] if self.ibot_separate_head else log_k["dino_head"]
+        return {
+            "dino_local_crops_uniform": masked_share.new_tensor(
+                N_GLOBAL_CROPS * n_local / n_terms * log_k["dino_head"]
+            ),
+            "dino_global_crops_uniform": masked_share.new_tensor(N_GLOBAL_CROPS / n_terms * log_k["dino_head"]),
+            "ibot_uniform": masked_share * ibot_k,
+        }
 
     def forward(self, batch: Mapping, teacher_temp: float) -> dict[str, torch.Tensor]:
         """teacher_targets -> student_outputs -> compute_losses (no backward, no optimiser step)."""

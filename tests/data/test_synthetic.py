@@ -145,3 +145,55 @@ def test_shard_stage_on_generated_data_keeps_keys_bytes_and_hashes(dataset, tmp_
         members(tmp_path / "ds" / "shards")["train_0000007.seg.png"]
         == members(root / "shards")["train_0000007.seg.png"]
     )
+
+
+def _pixel_knn_loo(samples, k: int = 10) -> float:
+    """Leave-one-out k-NN top-1 (cosine, majority vote) on raw 32 px pixels of the generated originals."""
+    kept = [s for s in samples if "duplicate" not in s["meta"]]
+    x = np.stack([np.asarray(s["image"].resize((32, 32)), dtype=np.float64).ravel() for s in kept])
+    x = x - x.mean(axis=0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.array([s["label"] for s in kept])
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.array([np.bincount(y[row], minlength=8).argmax() for row in nn])
+    return float((votes == y).mean())
+
+
+def test_invariant_style_hides_the_class_from_raw_pixels(tmp_path):
+    """Issue 13: in the "invariant" style the class is shape + stripe axis (kept by flips, crops, colour jitter);
+    colours are random per object, so neither the object colour nor the raw pixels give the class away, while masks
+    and labels still follow the drawn objects."""
+    kw = {"seed": 5, "n_train": 256, "n_val": 0, "n_test": 0, "image_size": 64, "shard_size": 512}
+    generate(tmp_path / "inv", style="invariant", **kw)
+    generate(tmp_path / "shapes", **kw)
+    inv = list(iter_samples(list_shards(tmp_path / "inv" / "shards")))
+    shapes = list(iter_samples(list_shards(tmp_path / "shapes" / "shards")))
+    colours, hits, axis_ok, n = class_colours(8), 0, 0, 0
+    for s in (s for s in inv if "duplicate" not in s["meta"]):
+        seg, objects = s["seg"], s["meta"]["objects"]
+        assert s["meta"]["generator"]["style"] == "invariant"
+        for c in range(8):
+            assert (seg == c + 1).sum() == sum(o["visible_pixels"] for o in objects if o["class"] == c)
+        top = objects[-1]
+        region = seg == top["class"] + 1
+        if sum(o["class"] == top["class"] for o in objects) > 1 or region.sum() < 150:
+            continue
+        grey = np.asarray(s["image"].convert("L"), dtype=np.float64)
+        rgb = np.asarray(s["image"], dtype=np.float64)[region].mean(axis=0)
+        hits += int(np.argmax(colours @ rgb / np.linalg.norm(colours, axis=1)) == top["class"])
+        both_x, both_y = region[:, 1:] & region[:, :-1], region[1:, :] & region[:-1, :]
+        gx, gy = np.abs(np.diff(grey, axis=1))[both_x].mean(), np.abs(np.diff(grey, axis=0))[both_y].mean()
+        axis_ok += int((gx > gy) == (top["class"] // 6 == 0))  # classes 0-5 vertical stripes, 6-7 horizontal
+        n += 1
+    assert n > 60
+    assert hits / n < 0.3, f"object colour predicts the class {hits}/{n} (chance 1/8)"
+    assert axis_ok / n > 0.95, f"stripe axis matches the class in {axis_ok}/{n}"
+    knn_inv, knn_shapes = _pixel_knn_loo(inv), _pixel_knn_loo(shapes)
+    assert knn_inv < 0.4 < knn_shapes, f"raw-pixel k-NN: invariant {knn_inv:.3f}, shapes {knn_shapes:.3f}"
+
+
+def test_style_is_checked():
+    with pytest.raises(ValueError, match="style"):
+        generate("/nonexistent", seed=0, n_train=1, n_val=0, n_test=0, style="cartoon")

@@ -102,3 +102,20 @@ def test_tex_escape():
 def test_parse_experiments_requires_seeds():
     with pytest.raises(PaperInputError, match="experiments.franca"):
         parse_experiments({"franca": {"highres": True}})
+
+
+def test_training_curves_carry_the_uniform_target_value(tmp_path):
+    """Issue 13: a clustering term's uniform-target value, logged as ``<term>`` with ``_loss`` -> ``_uniform``, is
+    read with the term and drawn as a dashed line; terms without one get NaN and no line."""
+    from franca.paper.figures import training_curves
+
+    run = tmp_path / "results" / "pretrain" / "e" / "s0" / "stage1"
+    run.mkdir(parents=True)
+    rows = [{"iteration": i, "ibot_loss": 10.0 - i, "ibot_uniform": 10.4, "koleo_loss": 0.2} for i in range(3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    frame = collect_training([run / "metrics.jsonl"], SourceIndex(tmp_path))
+    ibot, koleo = frame[frame["term"] == "ibot_loss"], frame[frame["term"] == "koleo_loss"]
+    assert list(ibot["uniform"]) == [10.4] * 3 and koleo["uniform"].isna().all()
+    assert "ibot_uniform" not in set(frame["term"])
+    with_line, without = training_curves(frame, "e"), training_curves(frame.assign(uniform=float("nan")), "e")
+    assert with_line is not None and without is not None and with_line != without
