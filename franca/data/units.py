@@ -26,6 +26,8 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from franca.data.download import is_transient
+
 __all__ = ["DEFAULT_UNIT_ROWS", "list_units", "unit_name", "url_parts", "read_unit_rows", "rows_digest", "unit_of"]
 
 DEFAULT_UNIT_ROWS = 100_000
@@ -135,13 +137,6 @@ UNIT_KEYS = ("unit_rows", "min_success_rate", "transient_reruns")  # dataset key
 _NOT_IDENTITY = ("min_success_rate", "transient_reruns", "concurrency")
 
 
-def is_transient(reason: str | None) -> bool:
-    """Timeouts, connection errors, 408/429 and every 5xx (``franca.data.fetch.RETRYABLE``): worth another run."""
-    from franca.data.fetch import RETRYABLE
-
-    return isinstance(reason, str) and (reason in RETRYABLE or reason.startswith("http_5"))
-
-
 def fetch_options(ds: dict[str, Any]) -> dict[str, Any]:
     """The dataset keys that are ``fetch_urls`` options (an unknown key is an error naming the options)."""
     import inspect
@@ -178,35 +173,31 @@ def fetch_unit(ds: dict[str, Any], entry: dict[str, Any], rows: pd.DataFrame, st
     unit and its top failure reasons, and nothing is published.
     """
     import json
-    import shutil
 
-    from franca.data.fetch import fetch_urls
+    from franca.data.fetch import fetch_urls, refetch_transient
+    from franca.data.manifest import raw_shard_complete, raw_status_path
     from franca.data.shards import atomic_write_bytes
 
     opts, raw = fetch_options(ds), state / "train"
     shard_size, row0 = int(ds.get("shard_size", 10_000)), int(entry["row0"])
     reruns_path, limit = state / "transient_reruns.json", int(ds.get("transient_reruns", 2))
     reruns = json.loads(reruns_path.read_text()) if reruns_path.is_file() else {}
+    retry = []  # finished shards holding transient failures, with reruns left
     for s in range(-(-len(rows) // shard_size)):
-        _finish_patch(raw, state / "retry" / f"{s:06d}", s)  # a patch killed between its two renames
-        if not _raw_complete(raw, s) or reruns.get(str(s), 0) >= limit:
-            continue
-        if _retry_transients(raw, s, rows, row0, opts, state / "retry" / f"{s:06d}"):
-            reruns[str(s)] = reruns.get(str(s), 0) + 1
-            atomic_write_bytes(reruns_path, json.dumps(reruns, sort_keys=True).encode())
-    shutil.rmtree(state / "retry", ignore_errors=True)
+        if raw_shard_complete(raw, s) and reruns.get(str(s), 0) < limit:
+            status = pd.read_parquet(raw_status_path(raw, s), columns=["status", "reason"])
+            if ((status["status"] != "success") & status["reason"].map(is_transient)).any():
+                retry.append(s)
+    if retry:  # each shard rewritten atomically as if those rows had succeeded (or failed again) the first time
+        refetch_transient(rows, raw, shards=retry, key_offset=row0, **opts)
+        reruns.update({str(s): reruns.get(str(s), 0) + 1 for s in retry})
+        atomic_write_bytes(reruns_path, json.dumps(reruns, sort_keys=True).encode())
     report = fetch_urls(rows, raw, key_offset=row0, **opts)
     report["unit"], report["transient"] = entry["unit"], _transient_count(report)
     report["transient_reruns"] = {"done": reruns, "limit": limit}
     atomic_write_bytes(raw / "fetch_report.json", json.dumps(report, indent=2, sort_keys=True).encode())
     check_floor(report, float(ds.get("min_success_rate", 0.0)), entry["unit"], limit - min(reruns.values(), default=0))
     return report
-
-
-def _raw_complete(raw: Path, s: int) -> bool:
-    from franca.data.manifest import raw_shard_complete
-
-    return raw_shard_complete(raw, s)
 
 
 def _transient_count(report: dict[str, Any]) -> int:
@@ -226,67 +217,6 @@ def check_floor(report: dict[str, Any], floor: float, unit: str, reruns_left: in
         f"unit {unit}: success rate {rate:.1%} ({report['success']} of {report['rows']} rows) is under the floor "
         f"min_success_rate={floor:g}; top failure reasons: {reasons}{retry}"
     )
-
-
-def _retry_transients(raw: Path, s: int, rows: pd.DataFrame, row0: int, opts: dict, tmp: Path) -> bool:
-    """Fetch the transient failures of finished raw shard ``s`` again and patch the shard (samples in key order,
-    as an uninterrupted fetch writes them); False when it has none."""
-    import shutil
-
-    from franca.data.fetch import fetch_urls
-    from franca.data.manifest import raw_status_path
-
-    status = pd.read_parquet(raw_status_path(raw, s))
-    todo = status[(status["status"] != "success") & status["reason"].map(is_transient)]
-    if todo.empty:
-        return False
-    shutil.rmtree(tmp, ignore_errors=True)
-    sub = rows.iloc[[int(k) - row0 for k in todo["key"]]].reset_index(drop=True)
-    fetch_urls(sub, tmp / "fetch", **{**opts, "shard_size": len(sub)})
-    _merge_patch(raw, s, status, todo, tmp, opts.get("key_digits", 9))
-    _finish_patch(raw, tmp, s)
-    return True
-
-
-def _merge_patch(raw: Path, s: int, status: pd.DataFrame, todo: pd.DataFrame, tmp: Path, digits: int) -> None:
-    """Write the patched shard and status table into ``tmp`` (``merged.tar``, ``merged.parquet``, then ``ready``)."""
-    import json
-
-    from franca.data.manifest import raw_status_path, raw_tar_path, write_parquet_atomic
-    from franca.data.shards import AtomicTarWriter, atomic_write_bytes, iter_raw_samples
-
-    keys = {f"{i:0{digits}d}": key for i, key in enumerate(todo["key"])}  # retry key -> the row's own key
-    new_status = pd.read_parquet(raw_status_path(tmp / "fetch", 0))
-    new_status["key"] = new_status["key"].map(keys).astype(status["key"].dtype)
-    samples = dict(iter_raw_samples(raw_tar_path(raw, s)))
-    for key, fields in iter_raw_samples(raw_tar_path(tmp / "fetch", 0)):
-        meta = json.loads(fields["json"])
-        meta["key"] = keys[key]
-        fields["json"] = json.dumps(meta, sort_keys=True, default=str).encode()
-        samples[keys[key]] = fields
-    with AtomicTarWriter(tmp / "merged.tar") as writer:
-        for key in sorted(samples):
-            writer.write(key, samples[key])
-    merged = pd.concat([status[~status["key"].isin(todo["key"])], new_status], ignore_index=True)
-    merged = merged.sort_values("key", kind="stable").reset_index(drop=True).astype(status.dtypes.to_dict())
-    write_parquet_atomic(merged, tmp / "merged.parquet")
-    atomic_write_bytes(tmp / "ready", b"")
-
-
-def _finish_patch(raw: Path, tmp: Path, s: int) -> None:
-    """Move a ready patch (``_merge_patch``) over raw shard ``s``: tar, then status table; idempotent."""
-    import os
-    import shutil
-
-    from franca.data.manifest import raw_status_path, raw_tar_path
-
-    if not (tmp / "ready").is_file():
-        return
-    if (tmp / "merged.tar").is_file():
-        os.replace(tmp / "merged.tar", raw_tar_path(raw, s))
-    if (tmp / "merged.parquet").is_file():
-        os.replace(tmp / "merged.parquet", raw_status_path(raw, s))
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(state_raw: Path, out_raw: Path) -> None:

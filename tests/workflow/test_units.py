@@ -75,7 +75,8 @@ def _setup(tmp_path, server):
     pd.DataFrame({"url": urls0}).to_parquet(parts / "part-0.parquet")
     pd.DataFrame({"url": urls1}).to_parquet(parts / "part-1.parquet")
     ds = {"source": "urls", "url_list": str(parts), "caption_col": None, "shard_size": 10, "unit_rows": 40}
-    ds.update(timeout=5, retries=0, backoff=0.01, concurrency=4, allow_private_addresses=True, reencode="never")
+    # one connection: shards finish one after another (0.25 s a slow row), so a kill can land between them
+    ds.update(timeout=5, retries=0, backoff=0.01, concurrency=1, allow_private_addresses=True, reencode="never")
     ds.update(min_success_rate=0.5, transient_reruns=2)
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     (tmp_path / "units.json").write_text(json.dumps(units.list_units(ds)))
