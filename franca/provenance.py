@@ -64,12 +64,15 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def rel(path: str | Path) -> str:
-    """Repo-relative POSIX path when under the working directory, else absolute."""
-    path = Path(path).resolve()
-    try:
-        return path.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.as_posix()
+    """Repo-relative POSIX path when under the working directory, else absolute. Symlinks are not followed: a link
+    (the gather job's dataset handle) is recorded under its own name, so its producer is the job that made it."""
+    path = Path(os.path.abspath(path))
+    for root in (Path(os.path.abspath(Path.cwd())), Path.cwd().resolve()):
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
 
 
 _SIGNATURE = ("ino", "size", "mtime_ns", "ctime_ns")
