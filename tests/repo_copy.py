@@ -38,3 +38,16 @@ def copy_repo(dest: Path) -> Path:
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
         run([*GIT, *args], dest, env, 120)
     return dest
+
+
+def dry_run_blocks(out: str) -> list[dict[str, str]]:
+    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "output": ..., "wildcards": ...}."""
+    import re
+
+    jobs = []
+    for line in out.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append({"rule": match.group(1)})
+        elif jobs and (match := re.match(r"^    (\w+): (.*)$", line)):
+            jobs[-1][match.group(1)] = match.group(2)
+    return jobs

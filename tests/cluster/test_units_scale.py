@@ -11,6 +11,7 @@ import time
 
 import pandas as pd
 import pytest
+import repo_copy
 import yaml
 from repo_copy import BIN, copy_repo, run
 
@@ -27,16 +28,6 @@ def _parts(folder, n_parts=60, rows=1000):
         urls = [f"http://h{p}.example/{i}.jpg" for i in range(rows)]
         pd.DataFrame({"URL": urls, "TEXT": ["a caption"] * rows}).to_parquet(folder / f"part-{p:05d}.parquet")
     return folder
-
-
-def _blocks(out):
-    jobs = []
-    for line in out.splitlines():
-        if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            jobs.append({"rule": match.group(1)})
-        elif jobs and (match := re.match(r"^    (\w+): (.*)$", line)):
-            jobs[-1][match.group(1)] = match.group(2)
-    return jobs
 
 
 @pytest.mark.timeout(600)
@@ -60,14 +51,14 @@ def test_paper_dag_with_600_units_is_fast_and_planned(tmp_path, capsys):
     print(f"snakemake -n, 600 units: {wall:.1f} s wall, {cpu:.1f} s CPU")
     # the DAG build's own CPU time (the wall time on a shared 2-core machine also counts other agents' load)
     assert cpu <= 30, f"dry run took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
-    jobs = [j for j in _blocks(out) if j.get("wildcards", "").startswith("dataset=laion")]
+    jobs = [j for j in repo_copy.dry_run_blocks(out) if j.get("wildcards", "").startswith("dataset=laion")]
     fetch = sorted(j["wildcards"] for j in jobs if j["rule"] == "fetch")
     assert fetch == [f"dataset=laion, unit=u{i:06d}" for i in range(600)]
     assert sum(j["rule"] == "shard" for j in jobs) == 600
     one = next(j for j in jobs if j["rule"] == "fetch" and j["wildcards"].endswith("u000137"))
     assert str(parts / "part-00013.parquet") in one["input"]  # its own part: a change there reruns it alone
     assert "cpus_per_task=4" in one["resources"]
-    gather = next(j for j in _blocks(out) if j["rule"] == "gather" and "laion" in j["output"])
+    gather = next(j for j in repo_copy.dry_run_blocks(out) if j["rule"] == "gather" and "laion" in j["output"])
     assert gather["output"] == "data/laion/shards, data/laion/manifest"
 
     assert main(["--preset", "paper_vitl14_laion", *(f"--override={o}" for o in overrides), "--unit-jobs"]) == 0

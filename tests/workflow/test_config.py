@@ -143,17 +143,6 @@ def test_urls_dataset_keys_are_the_fetch_options():
     assert set(urls["properties"]) == options | {"source", "url_list", "license", *UNIT_KEYS}
 
 
-def _dry_run_blocks(out: str) -> list[dict[str, str]]:
-    """The jobs of a `snakemake -n` listing: {"rule": name, "input": ..., "output": ..., "wildcards": ...}."""
-    jobs = []
-    for line in out.splitlines():
-        if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            jobs.append({"rule": match.group(1)})
-        elif jobs and (match := re.match(r"^    (\w+): (.*)$", line)):
-            jobs[-1][match.group(1)] = match.group(2)
-    return jobs
-
-
 def test_small_dag_reads_in_val_for_classification(tmp_path):
     """`snakemake -n` with the small preset and local roots: in_val is fetched and sharded, and every features job
     (hence every eval job) takes its shards beside in_train's and voc's."""
@@ -173,7 +162,7 @@ def test_small_dag_reads_in_val_for_classification(tmp_path):
     (tmp_path / "small.json").write_text(json.dumps(config))
     env = {**os.environ, "PATH": f"{repo_copy.BIN}:{os.environ['PATH']}", "FRANCA_TRACKING": "off"}
     cmd = ["snakemake", "-n", "--cores", "1", "--configfile", str(tmp_path / "small.json"), "--replace-workflow-config"]
-    jobs = _dry_run_blocks(repo_copy.run(cmd, repo, env, 600).stdout)
+    jobs = repo_copy.dry_run_blocks(repo_copy.run(cmd, repo, env, 600).stdout)
     fetched = {job["wildcards"] for job in jobs if job["rule"] == "fetch"}  # one work unit per local tree
     assert fetched == {f"dataset={name}, unit=u000000" for name in ("in_train", "in_val", "voc")}
     assert {job["output"] for job in jobs if job["rule"] == "gather"} == {
