@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -175,7 +176,10 @@ def _rehearse(cluster, slurm_up, tmp_path, server):
     assert reasons == {"http_404": PARTS * ROWS // 50}, reasons  # no 503 left: the transients were recovered
     record = json.loads((repo / TARGET).with_name("provenance.json").read_text())
     shards = [p for p in record["inputs"] if p.endswith(".tar")]
-    assert len(shards) == PARTS * 5 and all(p.startswith("data/web/units/") for p in shards), shards[:3]
+    # recorded under the dataset handle's names (gather's links), each the same file as its unit's shard
+    assert len(shards) == PARTS * 5 and all(p.startswith("data/web/shards/") for p in shards), shards[:3]
+    units = repo / "data/web/units"
+    assert all(os.path.samefile(repo / p, units / p.split("-")[1] / "shards" / Path(p).name) for p in shards), shards
 
     # the same folder through the local profile: identical shards and manifests, byte for byte
     local = cluster.copy_repo(tmp_path / "local" / "repo")

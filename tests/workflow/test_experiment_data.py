@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import repo_copy
@@ -40,9 +41,13 @@ def test_second_experiment_fetches_dedups_and_trains_on_its_own_dataset(tmp_path
         inputs = set(record["inputs"])
         assert f"data/dedup/{dataset}/kept.txt" in inputs, sorted(inputs)
         shards = {p for p in inputs if p.endswith(".tar")}
-        # the dataset handle's links resolve to its one work unit's shards and manifest
-        assert shards and all(p.startswith(f"data/{dataset}/units/u000000/shards/") for p in shards), sorted(shards)
+        # recorded under the dataset handle's names (gather's links; DVC's commit turns them into hardlinks to its
+        # cache), which are the files of its one work unit
+        assert shards and all(p.startswith(f"data/{dataset}/shards/") for p in shards), sorted(shards)
+        unit = repo / f"data/{dataset}/units/u000000"
+        assert all(os.path.samefile(repo / p, unit / "shards" / Path(p).name) for p in shards), sorted(shards)
         dedup = json.loads((repo / f"data/dedup/{dataset}/provenance.json").read_text())
-        assert f"data/{dataset}/units/u000000/manifest.parquet" in dedup["inputs"]
+        handle = f"data/{dataset}/manifest/u000000.parquet"
+        assert handle in dedup["inputs"] and os.path.samefile(repo / handle, unit / "manifest.parquet"), dedup["inputs"]
     fetched = json.loads((repo / "data/synth_b/raw/u000000/provenance.json").read_text())
     assert fetched["config"]["seed"] == 99 and fetched["config"]["n_train"] == 120
