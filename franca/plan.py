@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from franca import flops
-from franca.config import compose, launch_shape, stage_config, used_datasets
+from franca.config import compose, dedup_dataset, launch_shape, stage_config, used_datasets
 
 __all__ = [
     "GPU_PEAK_FLOPS",
@@ -82,6 +82,9 @@ CPU_STAGES = {
     "shard": ((8, 16_000, 12 * 60), (1, 2_000, 30)),
     "gather": ((1, 4_000, 60), (1, 2_000, 15)),
     "dedup": ((16, 64_000, 12 * 60), (1, 2_000, 30)),
+    # one job of the dedup fan-out (eval index, dedup_unit, dedup_block): at 10^9 hashes a block job is ~2 GB and
+    # ~40 CPU-s (bench_dedup_scale extrapolation, issue 17 note), a unit's band index ~1 CPU-s per 10^6 rows
+    "dedup_part": ((2, 8_000, 60), (1, 2_000, 30)),
     "paper": ((1, 8_000, 60), (1, 2_000, 15)),
 }
 # (images, mean bytes per image) used when the dataset config has no n_images / mean_image_bytes.
@@ -256,7 +259,7 @@ def unit_resources(cfg: Mapping, stage: str, ds: Mapping, units: Sequence[Mappin
     """Resources of one fetch / shard job of a dataset's work units (``franca.data.units``): the CPU-stage default
     for a generated or local set, else ``cluster.unit_cpus`` CPUs and the wall time of its largest unit."""
     base = rule_resources(cfg, stage)
-    if ds.get("source") != "urls":
+    if ds.get("source") != "urls" or stage not in UNIT_STAGES:
         return base
     cluster = cluster_settings(cfg)
     rows = max(int(u["stop"]) - int(u["start"]) for u in units)
@@ -389,7 +392,7 @@ def plan(
     out = Plan(preset, cluster["gpu_type"], None if cluster["mfu"] is None else float(cluster["mfu"]))
     for name in used_datasets(first):
         out.rows += _unit_rows(first, name, cluster)
-    out.rows.append(PlanRow("dedup", "-", None, "dedup", 1, 1, 0, rule_resources(first, "dedup")["runtime"]))
+    out.rows += _dedup_rows(first)
     for exp, spec in experiments.items():
         for seed in spec.get("seeds", [0]):
             cfg = compose(preset, exp, int(seed), tuple(overrides))
@@ -441,6 +444,27 @@ def _unit_rows(cfg: Mapping, name: str, cluster: Mapping) -> list[PlanRow]:
     runtime = rule_resources(cfg, "gather")["runtime"]
     rows.append(PlanRow("gather", name, None, f"{len(units)} units -> shards/, manifest/", 1, 1, 0, runtime))
     return rows
+
+
+def _dedup_rows(cfg: Mapping) -> list[PlanRow]:
+    """One `dedup` job, or with ``data.dedup.fan_out`` the jobs of workflow/rules/dedup.smk: the eval sets' index,
+    one `dedup_unit` per work unit of the train set, one `dedup_block` per (band, block), then the `dedup` reduce."""
+    runtime, fan = rule_resources(cfg, "dedup")["runtime"], cfg["data"]["dedup"].get("fan_out")
+    if not fan:
+        return [PlanRow("dedup", "-", None, "dedup", 1, 1, 0, runtime)]
+    res = rule_resources(cfg, "dedup_part")
+    name = dedup_dataset(cfg)
+    units = [u["unit"] for u in dataset_units(cfg, name)]
+    n_blocks = 2 ** int(fan.get("block_bits", 0))
+    blocks = [f"b{b}-p{p}" for b in range(int(fan["bands"])) for p in range(n_blocks)]
+    fanned = [("dedup_unit", f"{len(units)} units", units), ("dedup_block", f"{fan['bands']} bands x {n_blocks}"
+              " blocks", blocks)]  # fmt: skip
+    rows = [PlanRow("dedup_eval_index", name, None, "eval sets' index", 1, 1, 0, res["runtime"])]
+    for rule, what, names in fanned:
+        row = PlanRow(rule, name, None, what, len(names), 1, 0, res["runtime"], cpus=res["cpus_per_task"], units=names)
+        row.hours = len(names) * res["runtime"] / 60
+        rows.append(row)
+    return rows + [PlanRow("dedup", name, None, "reduce: pairs -> kept", 1, 1, 0, runtime)]
 
 
 def unit_jobs(p: Plan) -> list[str]:
@@ -510,7 +534,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"model FLOP utilisation, fraction of the peak (default: recorded, else {DEFAULT_MFU})",
     )
     parser.add_argument("--mfu-results", help="directory of bench_mfu results (default benchmarks/results)")
-    parser.add_argument("--unit-jobs", action="store_true", help="also list every unit job (fetch / shard per unit)")
+    parser.add_argument(
+        "--unit-jobs",
+        action="store_true",
+        help="also list every unit job (fetch / shard / dedup_unit per unit, dedup_block per band x block)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

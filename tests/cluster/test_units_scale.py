@@ -15,7 +15,7 @@ import repo_copy
 import yaml
 from repo_copy import BIN, copy_repo, run
 
-from franca.plan import CLUSTER_DEFAULTS, main, plan
+from franca.plan import CLUSTER_DEFAULTS, main, plan, unit_jobs
 
 UNIT_ROWS = 100
 OVERRIDES = ["data.datasets.laion.unit_rows=100"]
@@ -33,7 +33,8 @@ def _parts(folder, n_parts=60, rows=1000):
 @pytest.mark.timeout(600)
 def test_paper_dag_with_600_units_is_fast_and_planned(tmp_path, capsys):
     parts = _parts(tmp_path / "laion")
-    overrides = [f"data.datasets.laion.url_list={parts}", *OVERRIDES]
+    fan_out = "+data.dedup.fan_out={bands: 2, block_bits: 2}"  # dedup fans out over the same units
+    overrides = [f"data.datasets.laion.url_list={parts}", *OVERRIDES, fan_out]
     repo = copy_repo(tmp_path / "repo")
     config = {
         "preset": "paper_vitl14_laion",
@@ -58,6 +59,9 @@ def test_paper_dag_with_600_units_is_fast_and_planned(tmp_path, capsys):
     one = next(j for j in jobs if j["rule"] == "fetch" and j["wildcards"].endswith("u000137"))
     assert str(parts / "part-00013.parquet") in one["input"]  # its own part: a change there reruns it alone
     assert "cpus_per_task=4" in one["resources"]
+    dedup_units = [j for j in jobs if j["rule"] == "dedup_unit"]
+    assert len(dedup_units) == 600 and "cpus_per_task=2" in dedup_units[0]["resources"]  # CPU_STAGES["dedup_part"]
+    assert sum(j["rule"] == "dedup_block" for j in jobs) == 2 * 4
     gather = next(j for j in repo_copy.dry_run_blocks(out) if j["rule"] == "gather" and "laion" in j["output"])
     assert gather["output"] == "data/laion/shards, data/laion/manifest"
 
@@ -78,3 +82,22 @@ def test_plan_sizes_unit_jobs_before_the_table_exists():
     assert fetch.runtime_min == math.ceil(1_000_000 / rate / 60 * CLUSTER_DEFAULTS["runtime_margin"]) + 5
     shard = next(r for r in p.rows if r.rule == "shard" and r.experiment == "laion")
     assert shard.jobs == 600 and shard.runtime_min > fetch.runtime_min  # decoding is slower per core than fetching
+
+
+def test_plan_lists_the_dedup_fan_out_jobs():
+    """With data.dedup.fan_out, the plan has the jobs of workflow/rules/dedup.smk: one eval index, one dedup_unit per
+    work unit of the train set, one dedup_block per (band, block) and the reduce; without it, one dedup job."""
+    exps = {"franca": {"seeds": [0], "highres": False, "rasa": False}}
+    one = [r for r in plan("paper_vitl14_laion", exps).rows if r.rule.startswith("dedup")]
+    assert [(r.rule, r.jobs) for r in one] == [("dedup", 1)]
+    fan = plan("paper_vitl14_laion", exps, ["+data.dedup.fan_out={bands: 4, block_bits: 3}"])
+    rows = {r.rule: r for r in fan.rows if r.rule.startswith("dedup")}
+    assert [(rule, r.jobs) for rule, r in rows.items()] == [
+        ("dedup_eval_index", 1), ("dedup_unit", 600), ("dedup_block", 32), ("dedup", 1)
+    ]  # fmt: skip
+    assert rows["dedup_unit"].units[-1] == "u000599" and rows["dedup_block"].units[:2] == ["b0-p0", "b0-p1"]
+    assert "dedup_block laion b3-p7: 2 CPU, 60 min" in unit_jobs(fan)  # CPU_STAGES["dedup_part"], not the reduce's
+    assert (
+        fan.totals["jobs"] == sum(r.jobs for r in fan.rows)
+        and fan.totals["jobs"] - plan("paper_vitl14_laion", exps).totals["jobs"] == 1 + 600 + 32
+    )

@@ -21,9 +21,9 @@ rule dedup_eval_index:
     params:
         manifests=manifest_args,
         tags=tags("dedup_eval_index"),
-    threads: threads_of("dedup")
+    threads: threads_of("dedup_part")
     resources:
-        **resources_of("dedup"),
+        **resources_of("dedup_part"),
     conda:
         "../../envs/franca.yaml"
     log:
@@ -45,9 +45,9 @@ rule dedup_unit:
         report="data/dedup/{dataset}/fan_out/units/{unit}/unit_report.json",
     params:
         tags=tags("dedup_unit"),
-    threads: threads_of("dedup")
+    threads: threads_of("dedup_part")
     resources:
-        **resources_of("dedup"),
+        **resources_of("dedup_part"),
     conda:
         "../../envs/franca.yaml"
     log:
@@ -67,9 +67,9 @@ rule dedup_block:
         "data/dedup/{dataset}/fan_out/blocks/b{band}-p{block}.parquet",
     params:
         tags=tags("dedup_block"),
-    threads: threads_of("dedup")
+    threads: threads_of("dedup_part")
     resources:
-        **resources_of("dedup"),
+        **resources_of("dedup_part"),
     conda:
         "../../envs/franca.yaml"
     log:
