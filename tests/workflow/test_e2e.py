@@ -184,15 +184,17 @@ def _experiments(repo: Path) -> dict:
     return yaml.safe_load((repo / "config/config.yaml").read_text())["experiments"]
 
 
-def test_forced_rerun_of_a_finished_pretrain_job_starts_at_iteration_zero(run):
-    """`snakemake --forcerun` of one finished pretrain job trains from iteration 0 (its rolling state was removed
-    when it finished) and gives the checkpoint of the original run. Last in this module: it leaves the tree stale."""
+def test_forced_rerun_of_a_finished_training_job_starts_at_iteration_zero(run):
+    """`snakemake --forcerun` of one finished training job (the high-res stage: the same training loop and rolling
+    state as pretraining, at a fifth of its iterations) trains from iteration 0 (its rolling state was removed when
+    it finished) and gives the checkpoint of the original run. Last in this module: it leaves the tree stale.
+    tests/train/test_stage_identity.py checks the same for a pretrain job, outside Snakemake."""
     repo = run["repo"]
-    target = "results/pretrain/dinov2/s0/stage1/checkpoint.pt"
+    target = "results/highres/dinov2/s0/checkpoint.pt"
     before = torch_weights(repo / target)
     assert not list((repo / "work/ckpt").rglob("ckpt-*.pt")), "finished jobs left rolling checkpoints behind"
     sh(["snakemake", "--cores", "2", "--force", target], repo)
-    summary = json.loads((repo / "results/pretrain/dinov2/s0/stage1/provenance.json").read_text())["summary"]
+    summary = json.loads((repo / "results/highres/dinov2/s0/provenance.json").read_text())["summary"]
     assert summary["start_iteration"] == 0 and summary["resumed_from"] is None
     after = torch_weights(repo / target)
     assert [k for k in before if not torch_equal(before[k], after[k])] == []
