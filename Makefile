@@ -19,11 +19,12 @@ $(VENV)/.installed: envs/requirements.lock envs/install-lock.sh pyproject.toml
 paper: env
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --cores $(CORES) --profile workflow/profiles/local
 
-# Two xdist workers by default (tests/conftest.py groups the tests by module and queues the longest first);
+# Two xdist workers by default (tests/conftest.py: one work unit per module, the cluster tests as one,
+# the longest queued first);
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: env
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint
