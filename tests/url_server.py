@@ -2,8 +2,11 @@
 
 Routes (``<i>`` any integer): ``/img/<i>.png`` a small PNG drawn from ``i`` (distinct images, same bytes on every
 request), ``/slow/<i>.png`` the same after ``slow_s`` seconds, ``/gone/<i>`` 404, ``/outage/<i>.png`` 503 while
-``outage`` is set, else the image. Every request path is appended to ``log`` (thread-safe), so that a test can ask
-which URLs a run requested.
+``outage`` is set or while that path has had at most ``outage_requests`` requests (an outage that ends by itself, say
+between a unit's failed run and its retry), else the image. ``/first/<i>.png`` is the image, slow like ``/slow/`` when
+``i // group_rows`` is the group of the first ``/first/`` request the server received (``slow_group``): the unit
+whose job reached the server first becomes the slow one. Every request path is appended to ``log`` (thread-safe), so
+that a test can ask which URLs a run requested.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import io
 import threading
 import time
 import zlib
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -32,9 +36,11 @@ class _Server(ThreadingHTTPServer):
 
 
 class UrlServer:
-    def __init__(self, slow_s: float = 0.5):
-        self.slow_s, self.outage = slow_s, False
+    def __init__(self, slow_s: float = 0.5, outage_requests: int = 0, group_rows: int = 1):
+        self.slow_s, self.outage, self.outage_requests = slow_s, False, outage_requests
+        self.group_rows, self.slow_group = group_rows, None
         self.log: list[str] = []
+        self.hits: Counter[str] = Counter()  # requests per path since the start (clear() keeps it)
         self.lock = threading.Lock()
         owner = self
 
@@ -51,15 +57,19 @@ class UrlServer:
                     pass
 
             def do_GET(self):
-                with owner.lock:
-                    owner.log.append(self.path)
                 kind, _, name = self.path.strip("/").partition("/")
                 number = name.split(".")[0]
-                if kind == "gone" or not number.isdigit() or kind not in ("img", "slow", "outage"):
+                with owner.lock:
+                    owner.log.append(self.path)
+                    owner.hits[self.path] += 1
+                    hit = owner.hits[self.path]
+                    if kind == "first" and number.isdigit() and owner.slow_group is None:
+                        owner.slow_group = int(number) // owner.group_rows
+                if kind == "gone" or not number.isdigit() or kind not in ("img", "slow", "outage", "first"):
                     return self._send(404, b"gone")
-                if kind == "outage" and owner.outage:
+                if kind == "outage" and (owner.outage or hit <= owner.outage_requests):
                     return self._send(503, b"try later")
-                if kind == "slow":
+                if kind == "slow" or (kind == "first" and int(number) // owner.group_rows == owner.slow_group):
                     time.sleep(owner.slow_s)
                 self._send(200, image_bytes(int(number)), "image/png")
 

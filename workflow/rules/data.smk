@@ -3,6 +3,11 @@
 # gather links the units into the dataset's handle (data/<ds>/shards/, the partitioned data/<ds>/manifest/); dedup.
 
 
+# gather only makes symlinks: it runs on the submitting host, without a queue wait (a SLURM job costs a poll cycle)
+localrules:
+    gather,
+
+
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_]+",
     unit=r"u\d{6}",
