@@ -76,7 +76,7 @@ def run_fetch(args: argparse.Namespace) -> int:
         if entry is not None and entry["kind"] == "url_rows":
             summary = _fetch_unit(ds, entry, out, args)
         else:
-            summary = _acquire(ds, out, class_names=_class_names_from(ds))
+            summary = _acquire(ds, out, class_names=_class_names_from(ds), entry=entry)
         current.extra["fetch_report"] = summary
         current.extra["sources"] = [
             {
@@ -119,8 +119,10 @@ def _class_names_from(ds: dict) -> list[str] | None:
     return sources.folder_class_names(ds["classes_from_root"])
 
 
-def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
+def _acquire(ds: dict, out: Path, class_names: list[str] | None = None, entry: dict | None = None) -> dict:
+    """The whole set, or one work unit's part of a local tree (``entry``: a ``folder`` range or a ``tar`` group)."""
     source = ds["source"]
+    entry = entry if entry and ("start" in entry or "tars" in entry) else None  # a whole-tree unit: everything
     if source == "synth":
         from franca.data import synthetic
 
@@ -153,9 +155,11 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
     if source == "folder":
         opts = {k: ds[k] for k in ("max_bytes", "holdout") if k in ds}
         dest = out if "holdout" in ds else out / "train"  # raw/train/ and raw/<holdout split>/
+        opts["unit"] = entry
         return sources.ingest_folder(ds["root"], dest, shard_size=ds["shard_size"], class_names=class_names, **opts)
     if source == "in21k_tars":
-        return sources.ingest_imagenet21k_tars(ds["root"], out / "train", shard_size=ds["shard_size"])
+        tars = entry["tars"] if entry else None
+        return sources.ingest_imagenet21k_tars(ds["root"], out / "train", shard_size=ds["shard_size"], tars=tars)
     if source == "folder_seg":  # raw/<split>/ per id list (train, val), image + seg.png per sample
         keys = ("splits", "num_classes", "ignore_index", "image_dir", "mask_dir", "list_dir", "license")
         return sources.ingest_folder_seg(
