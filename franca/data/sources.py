@@ -108,7 +108,7 @@ def image_files(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted as Paths): an ``os.scandir`` walk of names (the file type comes
     from the directory entry; only a symlink costs a stat). Symlinked directories are not followed; dangling symlinks
     are listed, so that they end as "unreadable" failure rows rather than vanish (what ``rglob`` + ``is_file`` gave)."""
-    found, stack = [], [str(folder)]
+    found, stack = [], [str(folder)] if folder.is_dir() else []  # a class of class_names absent here: no files
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
