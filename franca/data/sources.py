@@ -98,16 +98,17 @@ def list_folder(root: str | Path, class_names: Sequence[str] | None = None) -> t
     for label, name in enumerate(names):
         folder = root / name
         files = image_files(folder)
-        items += [{"source": str(p), "label": label, "class_name": name} for p in files]
+        items += [{"source": p, "label": label, "class_name": name} for p in files]
     if not items:
         raise ValueError(f"no images ({sorted(IMAGE_SUFFIXES)}) under {root}")
     return items, names
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted as Paths): an ``os.scandir`` walk of names (the file type comes
-    from the directory entry; only a symlink costs a stat). Symlinked directories are not followed; dangling symlinks
-    are listed, so that they end as "unreadable" failure rows rather than vanish (what ``rglob`` + ``is_file`` gave)."""
+def image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursive), sorted as Paths sort (by path components): an ``os.scandir`` walk
+    of names (the file type comes from the directory entry; only a symlink costs a stat). Symlinked directories are
+    not followed; dangling symlinks are listed, so that they end as "unreadable" failure rows rather than vanish
+    (what ``rglob`` + ``is_file`` gave)."""
     found, stack = [], [str(folder)] if folder.is_dir() else []  # a class of class_names absent here: no files
     while stack:
         with os.scandir(stack.pop()) as entries:
@@ -117,16 +118,16 @@ def image_files(folder: Path) -> list[Path]:
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and (
                     entry.is_file() or entry.is_symlink()
                 ):
-                    found.append(Path(entry.path))
-    return sorted(found)
+                    found.append(entry.path)
+    return sorted(found, key=lambda path: path.split(os.sep))
 
 
 def listing_digest(items: Sequence[dict[str, Any]], root: str | Path) -> str:
     """sha256 of a folder listing (relative path and label of every item, in order): a work unit's range of the
     listing is valid only while this is unchanged (``franca.data.units``)."""
-    digest = hashlib.sha256()
+    prefix, digest = len(str(Path(root))) + 1, hashlib.sha256()  # sources are str(Path(root) / class / ...)
     for item in items:
-        digest.update(f"{Path(item['source']).relative_to(root).as_posix()}\t{item.get('label')}\n".encode())
+        digest.update(f"{item['source'][prefix:]}\t{item.get('label')}\n".encode())
     return digest.hexdigest()
 
 
