@@ -71,6 +71,8 @@ def run_fetch(args: argparse.Namespace) -> int:
     external = [p for p in (ds.get("url_list"), ds.get("root")) if p]
     if entry is not None and entry["kind"] == "url_rows":
         external = [entry["part"], args.units]
+    elif entry is not None and ("start" in entry or "tars" in entry):
+        external = [*_unit_files(ds, entry), args.units]  # provenance hashes this unit's files, not the whole tree
     tags = {"dataset": args.dataset, **({"unit": entry["unit"]} if entry else {})}
     with job("fetch", args, ds, out, inputs=external, tags=tags) as current:
         if entry is not None and entry["kind"] == "url_rows":
@@ -106,6 +108,16 @@ def _fetch_unit(ds: dict, entry: dict, out: Path, args: argparse.Namespace) -> d
         raise SystemExit(f"{args.dataset} {err}") from err
     units.publish(state / "train", out / "train")
     return report
+
+
+def _unit_files(ds: dict, entry: dict) -> list[Path]:
+    """The source files of one unit of a local tree: its range of the folder listing, or its tars."""
+    from franca.data import sources
+
+    if "tars" in entry:
+        return [Path(ds["root"]) / name for name in entry["tars"]]
+    items, _ = sources.list_folder(ds["root"], _class_names_from(ds))
+    return [Path(item["source"]) for item in items[int(entry["start"]) : int(entry["stop"])]]
 
 
 def _class_names_from(ds: dict) -> list[str] | None:

@@ -93,6 +93,9 @@ def test_folder_cut_into_path_ranges_gives_the_whole_tree(tmp_path, monkeypatch)
     # every unit holds only its own files (its range of the sorted listing), rows accounted once
     per_unit = [read_manifest(f"cut/units/{u['unit']}/manifest.parquet") for u in units]
     assert [len(m) for m in per_unit] == [6, 6, n - 12]
+    inputs = json.loads((tmp_path / "cut" / "raw" / "u000001" / "provenance.json").read_text())["inputs"]
+    listed = [x["source"] for x in list_folder(tmp_path / "tree")[0][6:12]]  # provenance hashes the unit's files only
+    assert sorted(k for k in inputs if k.startswith("tree/")) == sorted(s.split(f"{tmp_path}/")[1] for s in listed)
     (tmp_path / "tree" / "cat" / "img_50.jpg").write_bytes((tmp_path / "tree" / "cat" / "img_00.jpg").read_bytes())
     assert list_units(ds)[0]["listing"] != units[0]["listing"]  # a new file re-cuts the tree (dir mtime)
     path = fc.write_slice("config/units/stale.json", units)
