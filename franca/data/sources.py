@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import tarfile
 import time
 import zlib
@@ -52,8 +53,11 @@ __all__ = [
     "IGNORE_INDEX",
     "SourceItemError",
     "list_folder",
+    "image_files",
+    "listing_digest",
     "folder_class_names",
     "ingest_folder",
+    "in21k_tar_names",
     "index_imagenet21k",
     "ingest_imagenet21k_tars",
     "list_folder_seg",
@@ -93,14 +97,38 @@ def list_folder(root: str | Path, class_names: Sequence[str] | None = None) -> t
     items = []
     for label, name in enumerate(names):
         folder = root / name
-        # dangling symlinks are listed too, so that they end as "unreadable" failure rows rather than vanish
-        files = sorted(
-            p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        items += [{"source": str(p), "label": label, "class_name": name} for p in files]
+        files = image_files(folder)
+        items += [{"source": p, "label": label, "class_name": name} for p in files]
     if not items:
         raise ValueError(f"no images ({sorted(IMAGE_SUFFIXES)}) under {root}")
     return items, names
+
+
+def image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (recursive), sorted as Paths sort (by path components): an ``os.scandir`` walk
+    of names (the file type comes from the directory entry; only a symlink costs a stat). Symlinked directories are
+    not followed; dangling symlinks are listed, so that they end as "unreadable" failure rows rather than vanish
+    (what ``rglob`` + ``is_file`` gave)."""
+    found, stack = [], [str(folder)] if folder.is_dir() else []  # a class of class_names absent here: no files
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and (
+                    entry.is_file() or entry.is_symlink()
+                ):
+                    found.append(entry.path)
+    return sorted(found, key=lambda path: path.split(os.sep))
+
+
+def listing_digest(items: Sequence[dict[str, Any]], root: str | Path) -> str:
+    """sha256 of a folder listing (relative path and label of every item, in order): a work unit's range of the
+    listing is valid only while this is unchanged (``franca.data.units``)."""
+    prefix, digest = len(str(Path(root))) + 1, hashlib.sha256()  # sources are str(Path(root) / class / ...)
+    for item in items:
+        digest.update(f"{item['source'][prefix:]}\t{item.get('label')}\n".encode())
+    return digest.hexdigest()
 
 
 def folder_class_names(root: str | Path) -> list[str]:
@@ -118,8 +146,10 @@ def _write_range_shards(
     load: Callable[[dict[str, Any]], dict[str, bytes]],
     extra_meta: dict[str, Any],
     key_digits: int = 9,
+    key_offset: int = 0,
 ) -> dict[str, Any]:
-    """Write every incomplete raw shard of ``items``.
+    """Write every incomplete raw shard of ``items``. Item ``i`` gets the key ``key_offset + i`` (its index in the
+    whole split when ``items`` is one work unit's range of it), or the item's own ``key`` when it has one.
 
     ``load(item)`` gives the sample's fields (one image extension -> bytes, optionally ``seg.png``); any exception
     it raises makes the item a failure row (reason ``unreadable``, or the ``reason`` of a SourceItemError) and the
@@ -134,7 +164,8 @@ def _write_range_shards(
         status = []
         with AtomicTarWriter(raw_tar_path(out_dir, s)) as writer:
             for i in range(s * shard_size, min((s + 1) * shard_size, len(items))):
-                item, key = items[i], f"{i:0{key_digits}d}"
+                item = items[i]
+                key = item.get("key") or f"{key_offset + i:0{key_digits}d}"
                 row = {"key": key, "source": item["source"], "label": item.get("label")}
                 row["class_name"] = item.get("class_name")
                 try:
@@ -206,50 +237,85 @@ def ingest_folder(
     license: str | None = None,
     max_bytes: int = MAX_FILE_BYTES,
     holdout: dict[str, Any] | None = None,
+    unit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Class-per-folder tree (ImageNet-1k ``train/`` style) -> raw shards with labels; returns a summary.
 
     Without ``holdout`` the shards go into ``out_dir``. With ``holdout = {split, fraction, seed}`` (a folder dataset
     that must give a held-out split to a role, e.g. ``dense.val``) they go into ``out_dir/train`` and
     ``out_dir/<split>``, chosen by ``holdout_split``: disjoint, class-stratified and stable.
+
+    ``unit = {start, stop, listing}`` (a work unit, ``franca.data.units``) ingests only items ``[start, stop)`` of
+    the sorted listing, whose ``listing_digest`` must still be ``listing``. Labels, the held-out choice and the keys
+    are those of the whole tree (a sample's key is its index in its split of the whole tree), so the units' union is
+    the whole ingest, row for row.
     """
     items, names = list_folder(root, class_names)
     read, meta = _file_reader(max_bytes), {"license": license}
+    start, stop = (0, len(items)) if unit is None else (int(unit["start"]), int(unit["stop"]))
+    if unit is not None and listing_digest(items, root) != unit["listing"]:
+        raise ValueError(f"{root}: the folder changed since its unit list was made (rerun the workflow to re-cut it)")
+    where = {item["source"]: i for i, item in enumerate(items)}
     if holdout is None:
-        summary = _write_range_shards(items, Path(out_dir), shard_size, read, meta)
+        parts, dirs = {"train": items}, {"train": Path(out_dir)}
     else:
         kept, held = holdout_split(items, root, float(holdout["fraction"]), int(holdout.get("seed", 0)))
         if holdout["split"] == "train" or not held:
             raise ValueError(f"{root}: holdout {holdout} gives no held-out split (name it other than train)")
         parts = {"train": kept, holdout["split"]: held}
-        summary = {s: _write_range_shards(x, Path(out_dir) / s, shard_size, read, meta) for s, x in parts.items()}
-        summary["items"] = len(items)
+        dirs = {s: Path(out_dir) / s for s in parts}
+    summary = {}
+    for split, split_items in parts.items():  # the unit's items of each split are one contiguous run of it
+        mine = [i for i, item in enumerate(split_items) if start <= where[item["source"]] < stop]
+        first = mine[0] if mine else 0
+        run = split_items[first : first + len(mine)]
+        summary[split] = _write_range_shards(run, dirs[split], shard_size, read, meta, key_offset=first)
+    summary = summary["train"] if holdout is None else {**summary, "items": stop - start}
     summary.update(classes=names, source=str(root))
     logger.info("ingest_folder %s: %s", root, {k: v for k, v in summary.items() if k != "classes"})
     return summary
 
 
-def index_imagenet21k(tar_dir: str | Path, cache: str | Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Items of every ``n*.tar`` (one per synset) from the tar headers: (tar, member, offset, size, label, synset).
+def in21k_tar_names(tar_dir: str | Path) -> list[str]:
+    """Sorted names of the per-synset tars (``n*.tar``) of a tree: one directory listing, no tar read. The label of
+    a synset is its index here."""
+    if not Path(tar_dir).is_dir():
+        raise FileNotFoundError(f"ImageNet-21K tar folder not found: {tar_dir}")
+    with os.scandir(tar_dir) as entries:
+        names = sorted(e.name for e in entries if e.name.startswith("n") and e.name.endswith(".tar"))
+    if not names:
+        raise FileNotFoundError(f"no per-synset tars (n*.tar) in {tar_dir}")
+    return names
 
-    The index is cached as parquet at ``cache`` when given (reused when present).
+
+def index_imagenet21k(
+    tar_dir: str | Path, cache: str | Path | None = None, tars: Sequence[str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Items of every ``n*.tar`` (one per synset) from the tar headers: (tar, member, offset, size, label, synset,
+    key). The key ``<synset>_<member index>`` names a sample whatever tars are ingested with it.
+
+    ``tars`` (a work unit's tar names) indexes only those; labels stay those of the whole tree. The index is cached
+    as parquet at ``cache`` when given (reused when present).
     """
     if cache is not None and Path(cache).is_file():
         frame = pd.read_parquet(cache)
         return frame.to_dict("records"), sorted(frame["class_name"].unique().tolist())
-    tars = sorted(Path(tar_dir).glob("n*.tar"))
-    if not tars:
-        raise FileNotFoundError(f"no per-synset tars (n*.tar) in {tar_dir}")
-    names = [t.stem for t in tars]
+    names = in21k_tar_names(tar_dir)
+    label_of = {name: label for label, name in enumerate(names)}
+    absent = sorted(set(tars or ()) - set(label_of))
+    if absent:
+        raise FileNotFoundError(f"{tar_dir}: unit tars {absent[:5]} are gone (rerun the workflow to re-cut its units)")
     items = []
-    for label, tar_path in enumerate(tars):
+    for name in tars if tars is not None else names:
+        tar_path = Path(tar_dir) / name
         with tarfile.open(tar_path, "r:") as tar:
             members = sorted((m for m in tar.getmembers() if m.isreg()), key=lambda m: m.name)
-        for m in members:
-            suffix = Path(m.name).suffix.lower()
-            if suffix in IMAGE_SUFFIXES or suffix == ".gz":
-                items.append({"source": f"{tar_path}::{m.name}", "tar": str(tar_path), "member": m.name})
-                items[-1].update(offset=m.offset_data, size=m.size, label=label, class_name=tar_path.stem)
+        members = [m for m in members if Path(m.name).suffix.lower() in (*IMAGE_SUFFIXES, ".gz")]
+        for j, m in enumerate(members):
+            items.append({"source": f"{tar_path}::{m.name}", "tar": str(tar_path), "member": m.name})
+            items[-1].update(offset=m.offset_data, size=m.size, label=label_of[name], class_name=tar_path.stem)
+            items[-1]["key"] = f"{tar_path.stem}_{j:06d}"
+    names = [Path(n).stem for n in names]
     if cache is not None:
         write_parquet_atomic(pd.DataFrame(items), cache)
     return items, names
@@ -271,12 +337,19 @@ def _read_member(item: dict[str, Any]) -> dict[str, bytes]:
 
 
 def ingest_imagenet21k_tars(
-    tar_dir: str | Path, out_dir: str | Path, *, shard_size: int = 10_000, license: str | None = None
+    tar_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    shard_size: int = 10_000,
+    license: str | None = None,
+    tars: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """ImageNet-21K "winter21_whole" layout (one uncompressed tar per synset) -> raw shards with labels."""
+    """ImageNet-21K "winter21_whole" layout (one uncompressed tar per synset) -> raw shards with labels; ``tars``:
+    only these (a work unit), with the labels and keys they have in the whole tree."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items, names = index_imagenet21k(tar_dir, cache=out_dir / "in21k_index.parquet")
+    cache = out_dir / "in21k_index.parquet" if tars is None else None
+    items, names = index_imagenet21k(tar_dir, cache=cache, tars=tars)
     summary = _write_range_shards(items, out_dir, shard_size, _read_member, {"license": license})
     summary.update(classes=len(names), source=str(tar_dir))
     logger.info("ingest_imagenet21k_tars %s: %s", tar_dir, summary)

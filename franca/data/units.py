@@ -10,8 +10,17 @@ same list):
   ``[start, stop)`` are rows of that part and ``g`` is the global row index of ``start`` (the sample keys, as
   ``read_url_table`` numbers the concatenated table).
 * ``source: synth``: one ``synthetic`` unit (the tiny preset's generated set).
-* the local sources (``folder``, ``in21k_tars``, ``folder_seg``): one unit of kind ``folder`` / ``tar`` covering
-  the whole tree (their ingest is a local copy, not the web-scale fan-out).
+* ``source: folder``: the sorted listing of the class folders (``franca.data.sources.list_folder``, an
+  ``os.scandir`` walk of names) cut into ranges of at most ``unit_rows`` files. Entry: ``{"unit", "kind": "folder",
+  "start": i0, "stop": i1, "items": n, "listing": <sha256 of the listing>}``; the unit job lists the tree again,
+  checks the digest (a changed tree is an error, not a silently shifted range) and takes the labels (the sorted
+  class folders), the held-out split and the keys from the whole listing, so they do not depend on the cut.
+* ``source: in21k_tars``: one unit per synset tar (``n*.tar``, sorted by name; a directory listing, no tar read):
+  ``{"unit", "kind": "tar", "tars": [name, ...]}``. ``unit_tars`` (default 1) groups that many consecutive tars into
+  one unit: ImageNet-21K winter21 has 19,167 tars of ~680 images (a few seconds of work each, less than a job's
+  start), so a cluster run may want, e.g., 20 per unit; the default keeps the issue's "a tar is a unit".
+* ``folder_seg`` (a VOC-style tree, ~17k images cut by id lists per split) and a tree not present at DAG build time
+  (a plan made before the data is mounted): one unit covering the whole tree (kind ``folder`` / ``tar``, no range).
 
 ``read_unit_rows(entry, url_col)`` reads the rows of one ``url_rows`` unit (only the row groups that hold them).
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +78,65 @@ def part_rows(part: Path) -> int:
     return _count_rows(str(part), stat.st_size, stat.st_mtime_ns)
 
 
+def _tree_signature(root: Path) -> tuple:
+    """mtime_ns of the root and of each of its sub-directories: a file added, removed or renamed directly in a class
+    folder, or a class folder added or removed, changes it (a change deeper down, in a nested folder, does not)."""
+    with os.scandir(root) as entries:
+        subdirs = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir())
+    return root.stat().st_mtime_ns, tuple(subdirs)
+
+
+@functools.cache
+def _folder_listing(root: str, class_names: tuple[str, ...] | None, signature: tuple) -> tuple[int, str]:
+    """(files, listing digest) of a class-folder tree, cached per (root, class names, ``_tree_signature``)."""
+    from franca.data.sources import list_folder, listing_digest
+
+    items, _ = list_folder(root, class_names)
+    return len(items), listing_digest(items, root)
+
+
+def _folder_units(ds: dict[str, Any], unit_rows: int) -> list[dict[str, Any]]:
+    from franca.data.sources import folder_class_names
+
+    root = Path(ds["root"]).absolute()
+    names = tuple(folder_class_names(ds["classes_from_root"])) if ds.get("classes_from_root") else None
+    n, listing = _folder_listing(str(root), names, _tree_signature(root))
+    return [
+        {
+            "unit": unit_name(i),
+            "kind": "folder",
+            "start": s,
+            "stop": min(s + unit_rows, n),
+            "items": n,
+            "listing": listing,
+        }
+        for i, s in enumerate(range(0, n, unit_rows))
+    ]
+
+
+def _tar_units(ds: dict[str, Any]) -> list[dict[str, Any]]:
+    from franca.data.sources import in21k_tar_names
+
+    per_unit = int(ds.get("unit_tars", 1))
+    if per_unit < 1:
+        raise ValueError(f"data.datasets.*.unit_tars must be >= 1, got {per_unit}")
+    names = in21k_tar_names(ds["root"])
+    groups = [names[i : i + per_unit] for i in range(0, len(names), per_unit)]
+    return [{"unit": unit_name(i), "kind": "tar", "tars": group} for i, group in enumerate(groups)]
+
+
 def list_units(ds: dict[str, Any]) -> list[dict[str, Any]]:
     """The dataset's units in order (see the module docstring); ``ds`` is its ``data.datasets`` entry."""
     source = ds["source"]
-    if source != "urls":
-        if source not in _KINDS:
-            raise ValueError(f"data.datasets: unknown source {source!r}")
-        return [{"unit": unit_name(0), "kind": _KINDS[source]}]
+    if source not in _KINDS and source != "urls":
+        raise ValueError(f"data.datasets: unknown source {source!r}")
     unit_rows = int(ds.get("unit_rows", DEFAULT_UNIT_ROWS))
     if unit_rows < 1:
         raise ValueError(f"data.datasets.*.unit_rows must be >= 1, got {unit_rows}")
+    if source in ("folder", "in21k_tars") and Path(ds["root"]).is_dir():
+        return _folder_units(ds, unit_rows) if source == "folder" else _tar_units(ds)
+    if source != "urls":
+        return [{"unit": unit_name(0), "kind": _KINDS[source]}]
     units, row0 = [], 0
     for part in url_parts(ds["url_list"]):
         n = part_rows(part)

@@ -71,12 +71,14 @@ def run_fetch(args: argparse.Namespace) -> int:
     external = [p for p in (ds.get("url_list"), ds.get("root")) if p]
     if entry is not None and entry["kind"] == "url_rows":
         external = [entry["part"], args.units]
+    elif entry is not None and ("start" in entry or "tars" in entry):
+        external = [*_unit_files(ds, entry), args.units]  # provenance hashes this unit's files, not the whole tree
     tags = {"dataset": args.dataset, **({"unit": entry["unit"]} if entry else {})}
     with job("fetch", args, ds, out, inputs=external, tags=tags) as current:
         if entry is not None and entry["kind"] == "url_rows":
             summary = _fetch_unit(ds, entry, out, args)
         else:
-            summary = _acquire(ds, out, class_names=_class_names_from(ds))
+            summary = _acquire(ds, out, class_names=_class_names_from(ds), entry=entry)
         current.extra["fetch_report"] = summary
         current.extra["sources"] = [
             {
@@ -108,6 +110,16 @@ def _fetch_unit(ds: dict, entry: dict, out: Path, args: argparse.Namespace) -> d
     return report
 
 
+def _unit_files(ds: dict, entry: dict) -> list[Path]:
+    """The source files of one unit of a local tree: its range of the folder listing, or its tars."""
+    from franca.data import sources
+
+    if "tars" in entry:
+        return [Path(ds["root"]) / name for name in entry["tars"]]
+    items, _ = sources.list_folder(ds["root"], _class_names_from(ds))
+    return [Path(item["source"]) for item in items[int(entry["start"]) : int(entry["stop"])]]
+
+
 def _class_names_from(ds: dict) -> list[str] | None:
     """Label mapping of a folder dataset that shares another's (``classes_from``: a val tree takes the train tree's
     sorted class folders, so that a class missing from val does not shift the labels of the others). The workflow
@@ -119,8 +131,10 @@ def _class_names_from(ds: dict) -> list[str] | None:
     return sources.folder_class_names(ds["classes_from_root"])
 
 
-def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
+def _acquire(ds: dict, out: Path, class_names: list[str] | None = None, entry: dict | None = None) -> dict:
+    """The whole set, or one work unit's part of a local tree (``entry``: a ``folder`` range or a ``tar`` group)."""
     source = ds["source"]
+    entry = entry if entry and ("start" in entry or "tars" in entry) else None  # a whole-tree unit: everything
     if source == "synth":
         from franca.data import synthetic
 
@@ -153,9 +167,11 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None) -> dict:
     if source == "folder":
         opts = {k: ds[k] for k in ("max_bytes", "holdout") if k in ds}
         dest = out if "holdout" in ds else out / "train"  # raw/train/ and raw/<holdout split>/
+        opts["unit"] = entry
         return sources.ingest_folder(ds["root"], dest, shard_size=ds["shard_size"], class_names=class_names, **opts)
     if source == "in21k_tars":
-        return sources.ingest_imagenet21k_tars(ds["root"], out / "train", shard_size=ds["shard_size"])
+        tars = entry["tars"] if entry else None
+        return sources.ingest_imagenet21k_tars(ds["root"], out / "train", shard_size=ds["shard_size"], tars=tars)
     if source == "folder_seg":  # raw/<split>/ per id list (train, val), image + seg.png per sample
         keys = ("splits", "num_classes", "ignore_index", "image_dir", "mask_dir", "list_dir", "license")
         return sources.ingest_folder_seg(

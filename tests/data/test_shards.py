@@ -169,11 +169,11 @@ def test_ingest_imagenet21k_tars(tmp_path):
     canonicalise([tmp_path / "raw"], tmp_path / "ds")
     manifest = read_manifest(tmp_path / "ds" / "manifest.parquet").set_index("key")
     assert (manifest["status"] == "ok").all() and len(manifest) == 6
-    row = manifest.loc["train_000000001"]  # first synset in sorted order, the gzipped member
+    row = manifest.loc["train_n01000001_000001"]  # first synset in sorted order, the gzipped member
     assert row["label"] == 0 and row["class_name"] == "n01000001" and row["source"].endswith("n01000001_1.JPEG.gz")
     assert row["sha256"] == hashlib.sha256(payloads[("n01000001", 1)]).hexdigest()
     meta = json.loads(
-        tarfile.open(tmp_path / "ds" / "shards" / "train-000000.tar").extractfile("train_000000001.json").read()
+        tarfile.open(tmp_path / "ds" / "shards" / "train-000000.tar").extractfile("train_n01000001_000001.json").read()
     )
-    assert meta["raw_key"] == "000000001"
+    assert meta["raw_key"] == "n01000001_000001"  # <synset>_<member index>: stable whatever tars are ingested
     assert pd.Series(manifest["label"]).tolist() == [0, 0, 0, 1, 1, 1]
