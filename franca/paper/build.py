@@ -291,8 +291,10 @@ def _make_figures(
 
 def _header(preset: str, specs: list, inputs: PaperInputs, sources: SourceIndex, code: Mapping, built: str) -> Header:
     """Preset, scope statement, experiments, commit, date and the datasets (manifests + dedup report)."""
-    keys = {p: sources.add(p) for p in inputs.manifests if p.is_file()}
-    datasets = hdr.datasets([p for p in inputs.manifests if p.is_file()], hdr.kept_after_dedup(inputs.dedup), keys)
+    # a manifest is a file or gather's partitioned directory (one parquet per work unit): every part is a source
+    parts = {p: sorted(p.glob("*.parquet")) if p.is_dir() else [p] for p in inputs.manifests if p.exists()}
+    keys = {p: [sources.add(f) for f in files] for p, files in parts.items() if files}
+    datasets = hdr.datasets(list(keys), hdr.kept_after_dedup(inputs.dedup), keys)
     commits = sorted({str(r["git_commit"]) for r in sources.records.values() if r.get("git_commit")})
     dirty = " (uncommitted changes)" if code.get("dirty") else ""
     meta = [

@@ -422,9 +422,13 @@ def test_one_dedup_report_per_training_dataset(tmp_path):
     second = tmp_path / "data" / "dedup" / "other" / "report.json"
     second.parent.mkdir(parents=True)
     second.write_text(json.dumps({"kept": 77, "removed": {"exact_duplicate": 3}}))  # no train_manifest: its folder
-    shutil.copy(tmp_path / "data/synth/manifest.parquet", (tmp_path / "data/other").mkdir() or tmp_path / "data/other")
+    # the second dataset's manifest is gather's partitioned directory: one parquet per work unit
+    frame, parts = pd.read_parquet(tmp_path / "data/synth/manifest.parquet"), tmp_path / "data/other/manifest"
+    parts.mkdir(parents=True)
+    frame.iloc[:1000].to_parquet(parts / "u000000.parquet")
+    frame.iloc[1000:].to_parquet(parts / "u000001.parquet")
     inputs.dedup.append(second)
-    inputs.manifests.append(tmp_path / "data/other/manifest.parquet")
+    inputs.manifests.append(parts)
     summary = build_paper(
         inputs,
         tmp_path / "paper",
@@ -438,6 +442,8 @@ def test_one_dedup_report_per_training_dataset(tmp_path):
     assert {"dedup_summary_synth.png", "dedup_summary_other.png"} <= names
     head = (tmp_path / "paper" / "index.html").read_text().split('id="table-main"')[0]
     assert "1,920 train" in head and "77 train" in head
+    assert head.count("train 2,000") == 2  # both datasets listed, the partitioned one from both of its parts
+    assert {"data/other/manifest/u000000.parquet", "data/other/manifest/u000001.parquet"} <= set(summary["inputs"])
 
 
 def test_page_says_when_a_cap_applied(tmp_path):

@@ -47,6 +47,8 @@ def test_paper_is_built_from_this_run(run):
     repo = run["repo"]
     print(f"tiny workflow wall time: {run['wall_s']:.0f} s")
     assert (repo / "results/paper/index.html").stat().st_size > 10_000
+    head = (repo / "results/paper/index.html").read_text().split('id="table-main"')[0]
+    assert "after dedup" in head and "synthetic" in head  # the datasets block, read from gather's manifest parts
     rows = list(csv.DictReader(open(repo / "results/paper/main.csv")))
     assert {r["experiment"] for r in rows} >= {"franca", "dinov2"}
     numeric = [v for r in rows for k, v in r.items() if k not in ("experiment", "checkpoint", "note") and v]
