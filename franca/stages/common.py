@@ -16,7 +16,7 @@ from typing import Any
 
 from franca import config as fc
 from franca import provenance, tracking
-from franca.train.distributed import launcher_rank
+from franca.launcher import launcher_rank
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from franca.launcher import _launcher_env, first_slurm_host, launcher_rank
 
 __all__ = [
     "DistInfo",
@@ -52,41 +53,6 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str | None  # None: a single process without a process group
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: ``"gpu[003-005,010],cpu1"`` -> ``"gpu003"``; ``"a,b"`` -> ``"a"``."""
-    nodelist = nodelist.strip()
-    if not nodelist:
-        raise ValueError("SLURM_NODELIST is empty")
-    m = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if m is None:
-        raise ValueError(f"cannot parse SLURM_NODELIST {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]  # keeps zero padding: "003-005" -> "003"
-    return prefix + first
-
-
-def _launcher_env(env: Mapping[str, str]) -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) from torchrun or srun variables, or None when launched as a plain process."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        # srun sets the step's task count; SLURM_NTASKS alone is the allocation (also seen by an sbatch script)
-        world_size = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
-        return int(env["SLURM_PROCID"]), world_size, int(env.get("SLURM_LOCALID", 0))
-    return None
-
-
-def launcher_rank(env: Mapping[str, str] | None = None) -> int:
-    """This process's global rank as its launcher set it (torchrun ``RANK``, srun ``SLURM_PROCID``), readable before
-    :func:`init_distributed`; 0 for a plain process. Code that must act on rank 0 alone before the process group
-    exists (opening the MLflow run, writing provenance) asks this: under srun, ``RANK`` is only set by
-    :func:`init_distributed`."""
-    launch = _launcher_env(os.environ if env is None else env)
-    return launch[0] if launch is not None else 0
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
