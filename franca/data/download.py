@@ -21,17 +21,10 @@ from typing import Any
 
 import aiohttp
 
+from franca.data.failures import RETRYABLE, is_transient
 from franca.data.images import BoundedInflater, clean_message
 
 __all__ = ["RETRYABLE", "Failure", "is_transient", "allowed_networks", "session", "download", "classify"]
-
-RETRYABLE = frozenset({"timeout", "connection_error", "http_408", "http_429"})  # plus every http_5xx
-
-
-def is_transient(reason: str | None) -> bool:
-    """True for a failure worth another try later (timeout, connection error, HTTP 408, 429 and 5xx); every other
-    reason (404 and the other 4xx, decode errors, too large, bad scheme, blocked address...) is permanent."""
-    return isinstance(reason, str) and (reason in RETRYABLE or reason.startswith("http_5"))
 
 
 class Failure(Exception):

@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from franca.data.download import is_transient
+from franca.data.failures import is_transient
 
 __all__ = ["DEFAULT_UNIT_ROWS", "list_units", "unit_name", "url_parts", "read_unit_rows", "rows_digest", "unit_of"]
 
