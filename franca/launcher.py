@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 
-__all__ = ["first_slurm_host", "launcher_rank"]
+__all__ = ["first_slurm_host", "launcher_env", "launcher_rank"]
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -25,7 +25,7 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def _launcher_env(env: Mapping[str, str]) -> tuple[int, int, int] | None:
+def launcher_env(env: Mapping[str, str]) -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) from torchrun or srun variables, or None when launched as a plain process."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -41,5 +41,5 @@ def launcher_rank(env: Mapping[str, str] | None = None) -> int:
     :func:`init_distributed`; 0 for a plain process. Code that must act on rank 0 alone before the process group
     exists (opening the MLflow run, writing provenance) asks this: under srun, ``RANK`` is only set by
     :func:`init_distributed`."""
-    launch = _launcher_env(os.environ if env is None else env)
+    launch = launcher_env(os.environ if env is None else env)
     return launch[0] if launch is not None else 0

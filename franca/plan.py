@@ -426,6 +426,13 @@ def dataset_units(cfg: Mapping, name: str) -> list[dict]:
             enumerate(range(0, n, size))]  # fmt: skip
 
 
+def _fanned_row(rule: str, dataset: str, what: str, names: list[str], res: Mapping) -> PlanRow:
+    """A rule with one job per name (a work unit, a band x block), each with the resources ``res``."""
+    row = PlanRow(rule, dataset, None, what, len(names), 1, 0, res["runtime"], cpus=res["cpus_per_task"], units=names)
+    row.hours = len(names) * res["runtime"] / 60
+    return row
+
+
 def _unit_rows(cfg: Mapping, name: str, cluster: Mapping) -> list[PlanRow]:
     """fetch and shard: one job per work unit (``jobs`` = units, runtime per job), and the dataset's gather."""
     units = dataset_units(cfg, name)
@@ -436,10 +443,8 @@ def _unit_rows(cfg: Mapping, name: str, cluster: Mapping) -> list[PlanRow]:
         res = unit_resources({**cfg, "cluster": cluster}, rule, ds, units)
         largest = max(int(u.get("stop", 0)) - int(u.get("start", 0)) for u in units)
         what = f"{len(units)} units" + (f" of <= {largest:,} rows" if largest else "")
-        row = PlanRow(rule, name, None, what, len(units), 1, 0, res["runtime"], cpus=res["cpus_per_task"])
-        row.hours = len(units) * res["runtime"] / 60
+        row = _fanned_row(rule, name, what, [u["unit"] for u in units], res)
         row.storage_bytes = size if rule == "shard" else 0
-        row.units = [u["unit"] for u in units]
         rows.append(row)
     runtime = rule_resources(cfg, "gather")["runtime"]
     rows.append(PlanRow("gather", name, None, f"{len(units)} units -> shards/, manifest/", 1, 1, 0, runtime))
@@ -457,14 +462,12 @@ def _dedup_rows(cfg: Mapping) -> list[PlanRow]:
     units = [u["unit"] for u in dataset_units(cfg, name)]
     n_blocks = 2 ** int(fan.get("block_bits", 0))
     blocks = [f"b{b}-p{p}" for b in range(int(fan["bands"])) for p in range(n_blocks)]
-    fanned = [("dedup_unit", f"{len(units)} units", units), ("dedup_block", f"{fan['bands']} bands x {n_blocks}"
-              " blocks", blocks)]  # fmt: skip
-    rows = [PlanRow("dedup_eval_index", name, None, "eval sets' index", 1, 1, 0, res["runtime"])]
-    for rule, what, names in fanned:
-        row = PlanRow(rule, name, None, what, len(names), 1, 0, res["runtime"], cpus=res["cpus_per_task"], units=names)
-        row.hours = len(names) * res["runtime"] / 60
-        rows.append(row)
-    return rows + [PlanRow("dedup", name, None, "reduce: pairs -> kept", 1, 1, 0, runtime)]
+    return [
+        PlanRow("dedup_eval_index", name, None, "eval sets' index", 1, 1, 0, res["runtime"]),
+        _fanned_row("dedup_unit", name, f"{len(units)} units", units, res),
+        _fanned_row("dedup_block", name, f"{fan['bands']} bands x {n_blocks} blocks", blocks, res),
+        PlanRow("dedup", name, None, "reduce: pairs -> kept", 1, 1, 0, runtime),
+    ]
 
 
 def unit_jobs(p: Plan) -> list[str]:

@@ -238,6 +238,7 @@ def ingest_folder(
     max_bytes: int = MAX_FILE_BYTES,
     holdout: dict[str, Any] | None = None,
     unit: dict[str, Any] | None = None,
+    listing: tuple[list[dict[str, Any]], list[str]] | None = None,
 ) -> dict[str, Any]:
     """Class-per-folder tree (ImageNet-1k ``train/`` style) -> raw shards with labels; returns a summary.
 
@@ -248,9 +249,9 @@ def ingest_folder(
     ``unit = {start, stop, listing}`` (a work unit, ``franca.data.units``) ingests only items ``[start, stop)`` of
     the sorted listing, whose ``listing_digest`` must still be ``listing``. Labels, the held-out choice and the keys
     are those of the whole tree (a sample's key is its index in its split of the whole tree), so the units' union is
-    the whole ingest, row for row.
+    the whole ingest, row for row. ``listing``: ``list_folder(root, class_names)`` when the caller already has it.
     """
-    items, names = list_folder(root, class_names)
+    items, names = listing if listing is not None else list_folder(root, class_names)
     read, meta = _file_reader(max_bytes), {"license": license}
     start, stop = (0, len(items)) if unit is None else (int(unit["start"]), int(unit["stop"]))
     if unit is not None and listing_digest(items, root) != unit["listing"]:

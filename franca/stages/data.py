@@ -67,18 +67,19 @@ def _unit(args: argparse.Namespace) -> dict | None:
 
 def run_fetch(args: argparse.Namespace) -> int:
     ds, entry = start(args), _unit(args)
-    out = Path(args.out)
+    out, part, listing = Path(args.out), _local_part(entry), None
     external = [p for p in (ds.get("url_list"), ds.get("root")) if p]
     if entry is not None and entry["kind"] == "url_rows":
         external = [entry["part"], args.units]
-    elif entry is not None and ("start" in entry or "tars" in entry):
-        external = [*_unit_files(ds, entry), args.units]  # provenance hashes this unit's files, not the whole tree
+    elif part is not None:  # provenance hashes this unit's files, not the whole tree (listed once, for both)
+        listing = None if "tars" in part else _folder_listing(ds)
+        external = [*_unit_files(ds, part, listing), args.units]
     tags = {"dataset": args.dataset, **({"unit": entry["unit"]} if entry else {})}
     with job("fetch", args, ds, out, inputs=external, tags=tags) as current:
         if entry is not None and entry["kind"] == "url_rows":
             summary = _fetch_unit(ds, entry, out, args)
         else:
-            summary = _acquire(ds, out, class_names=_class_names_from(ds), entry=entry)
+            summary = _acquire(ds, out, class_names=_class_names_from(ds), part=part, listing=listing)
         current.extra["fetch_report"] = summary
         current.extra["sources"] = [
             {
@@ -110,14 +111,23 @@ def _fetch_unit(ds: dict, entry: dict, out: Path, args: argparse.Namespace) -> d
     return report
 
 
-def _unit_files(ds: dict, entry: dict) -> list[Path]:
-    """The source files of one unit of a local tree: its range of the folder listing, or its tars."""
+def _local_part(entry: dict | None) -> dict | None:
+    """The unit entry when it is part of a local tree (a ``folder`` range or a ``tar`` group); None for no unit, a
+    URL unit or a whole-tree unit."""
+    return entry if entry is not None and ("start" in entry or "tars" in entry) else None
+
+
+def _folder_listing(ds: dict) -> tuple[list[dict], list[str]]:
     from franca.data import sources
 
-    if "tars" in entry:
-        return [Path(ds["root"]) / name for name in entry["tars"]]
-    items, _ = sources.list_folder(ds["root"], _class_names_from(ds))
-    return [Path(item["source"]) for item in items[int(entry["start"]) : int(entry["stop"])]]
+    return sources.list_folder(ds["root"], _class_names_from(ds))
+
+
+def _unit_files(ds: dict, part: dict, listing: tuple[list[dict], list[str]] | None) -> list[Path]:
+    """The source files of one unit of a local tree: its tars, or its range of the folder ``listing``."""
+    if "tars" in part:
+        return [Path(ds["root"]) / name for name in part["tars"]]
+    return [Path(item["source"]) for item in listing[0][int(part["start"]) : int(part["stop"])]]
 
 
 def _class_names_from(ds: dict) -> list[str] | None:
@@ -131,10 +141,12 @@ def _class_names_from(ds: dict) -> list[str] | None:
     return sources.folder_class_names(ds["classes_from_root"])
 
 
-def _acquire(ds: dict, out: Path, class_names: list[str] | None = None, entry: dict | None = None) -> dict:
-    """The whole set, or one work unit's part of a local tree (``entry``: a ``folder`` range or a ``tar`` group)."""
+def _acquire(
+    ds: dict, out: Path, class_names: list[str] | None = None, part: dict | None = None, listing: tuple | None = None
+) -> dict:
+    """The whole set, or one work unit's part of a local tree (``part``: a ``folder`` range, with the tree's
+    ``listing`` when the caller has it, or a ``tar`` group)."""
     source = ds["source"]
-    entry = entry if entry and ("start" in entry or "tars" in entry) else None  # a whole-tree unit: everything
     if source == "synth":
         from franca.data import synthetic
 
@@ -167,10 +179,10 @@ def _acquire(ds: dict, out: Path, class_names: list[str] | None = None, entry: d
     if source == "folder":
         opts = {k: ds[k] for k in ("max_bytes", "holdout") if k in ds}
         dest = out if "holdout" in ds else out / "train"  # raw/train/ and raw/<holdout split>/
-        opts["unit"] = entry
+        opts.update(unit=part, listing=listing)
         return sources.ingest_folder(ds["root"], dest, shard_size=ds["shard_size"], class_names=class_names, **opts)
     if source == "in21k_tars":
-        tars = entry["tars"] if entry else None
+        tars = part["tars"] if part else None
         return sources.ingest_imagenet21k_tars(ds["root"], out / "train", shard_size=ds["shard_size"], tars=tars)
     if source == "folder_seg":  # raw/<split>/ per id list (train, val), image + seg.png per sample
         keys = ("splits", "num_classes", "ignore_index", "image_dir", "mask_dir", "list_dir", "license")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from franca.launcher import _launcher_env, first_slurm_host, launcher_rank
+from franca.launcher import first_slurm_host, launcher_env, launcher_rank
 
 __all__ = [
     "DistInfo",
@@ -65,7 +65,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("run.device is 'cuda' but CUDA is not available")
     env = os.environ
-    launch = _launcher_env(env)
+    launch = launcher_env(env)
     rank, world_size, local_rank = launch if launch is not None else (0, 1, 0)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
