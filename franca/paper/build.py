@@ -2,7 +2,7 @@
 
 Writes (atomically: temporary file + rename):
 
-* ``{main,ablation,rasa,reference}.{csv,md,tex}``;
+* ``{main,baselines,ablation,rasa,reference}.{csv,md,tex}``;
 * ``figures/*.png``: ``training_curves_{exp}``, ``pca_maps``, ``rasa_rounds``, ``masking_frequency``,
   ``dedup_summary`` (and ``dedup_pairs`` copied from the dedup stage when present);
 * ``index.html`` (self-contained) and ``numbers.json`` (every table cell -> its source files, for ``franca audit``).
@@ -41,7 +41,15 @@ from franca.paper.collect import (
     read_json,
 )
 from franca.paper.html import FigureEntry, Header, render_index
-from franca.paper.tables import EvalLookup, Table, ablation_table, main_table, rasa_table, reference_table
+from franca.paper.tables import (
+    EvalLookup,
+    Table,
+    ablation_table,
+    baselines_table,
+    main_table,
+    rasa_table,
+    reference_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -373,12 +381,13 @@ def build_paper(
     rasa_frame = collect_rasa(inputs.rasa, sources)
     tables = [
         main_table(specs, lookup),
+        baselines_table(specs, lookup),
         ablation_table(specs, lookup),
         rasa_table(specs, rasa_frame),
         reference_table(preset, reference, ref_key, specs, lookup, dense_dataset),
     ]
     capped = cap_footnote(evals.attrs["caps"])
-    for table in tables[:2] if capped else []:  # the tables of this run's evaluations
+    for table in tables[:3] if capped else []:  # the tables of this run's evaluations
         table.footnotes.append(capped)
     for table in tables:
         atomic_write_text(out_dir / f"{table.name}.csv", to_frame(table).to_csv(index=False))

@@ -202,10 +202,12 @@ def render_index(
     sources: Mapping[str, Mapping],
     notes: Sequence[str],
 ) -> str:
-    """The whole page as a string. ``tables``: main, ablation, rasa (under the RASA figure) and reference."""
+    """The whole page as a string. ``tables``: main, baselines, ablation, rasa (under the RASA figure) and
+    reference."""
     ids = {path: f"src-{i}" for i, path in enumerate(sources)}
     chains = Chains()
-    sections = [f"<section>{table_html(tables[n], chains)}</section>" for n in ("main", "ablation") if n in tables]
+    first = ("main", "baselines", "ablation")
+    sections = [f"<section>{table_html(tables[n], chains)}</section>" for n in first if n in tables]
     figs = []
     for fig in figures:
         below = ""

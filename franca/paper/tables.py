@@ -322,6 +322,54 @@ def _ablation_row(spec, ckpt, rasa, lookup, base, cols) -> tuple[list[Cell], str
     return cells, _join(notes)
 
 
+KNN_INIT = MetricColumn("knn_init_top1", "random init", "knn", _first_of("init_top1_k20", "init_top1"))
+KNN_PIXELS = MetricColumn("knn_pixels_top1", "raw pixels", "knn", _first_of("pixels_top1_k20", "pixels_top1"))
+
+
+def baselines_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
+    """k-NN top-1 of each pretrained teacher against its own random-init backbone and raw pixels (issue 13).
+
+    The references come from the same features job, images and k-NN protocol as the trained row (the ``init_*``
+    and ``pixels_*`` metrics of the pretrain checkpoint's knn.json). Δ is the per-seed gain over the random init;
+    the row note says whether its mean exceeds the seed spread of the trained k-NN.
+    """
+    table = Table(
+        "baselines",
+        "Against random init and raw pixels",
+        "k-NN top-1 (k=20) of the pretrained teacher, of the same architecture at its random initialisation (the "
+        "weights pretraining started from, same seed) and of the raw evaluation crops; mean ± std over seeds.",
+        ["experiment"],
+        [("knn_top1", "trained"), ("knn_init_top1", "random init"), ("gain", "Δ (trained − init)"),
+         ("knn_pixels_top1", "raw pixels")],
+    )  # fmt: skip
+    for spec in specs:
+        trained, missing = lookup.cell(KNN_TOP1, spec.name, spec.seeds, "pretrain", False)
+        init, _ = lookup.cell(KNN_INIT, spec.name, spec.seeds, "pretrain", False)
+        pixels, _ = lookup.cell(KNN_PIXELS, spec.name, spec.seeds, "pretrain", False)
+        gains, sources = [], []
+        for seed in spec.seeds:
+            t, i = (lookup.cell(c, spec.name, [seed], "pretrain", False)[0] for c in (KNN_TOP1, KNN_INIT))
+            if t.mean is not None and i.mean is not None:
+                gains.append(t.mean - i.mean)
+                sources += t.sources
+        gain = Cell.of("pct", gains, sources)
+        table.add([spec.name], [trained, init, gain, pixels], _gain_note(gain, trained, missing))
+    if not any(cells[1].mean is not None for _, cells, _ in table.rows):
+        table.footnotes.append("No random-init or raw-pixel k-NN in this run's results (features without --baselines).")
+    return table
+
+
+def _gain_note(gain: Cell, trained: Cell, missing: Sequence[int]) -> str:
+    if missing:
+        return _missing_note(KNN_TOP1, missing)
+    if gain.mean is None:
+        return ""
+    if trained.std is None:
+        return "one seed: no spread to compare Δ with"
+    verdict = "exceeds" if gain.mean > trained.std else "does not exceed"
+    return f"Δ {verdict} the seed spread of the trained k-NN ({trained.std:.{trained.decimals}f})"
+
+
 def rasa_table(specs: Sequence[ExperimentSpec], rasa: pd.DataFrame) -> Table:
     """Per round: position R^2 from x, x_pos and x_no_pos, and cos(x_no_pos, x); mean ± std over seeds.
 

@@ -149,7 +149,8 @@ def input_hash_tags(inputs: Mapping[str, Mapping]) -> dict[str, str]:
     digest = hashlib.sha256("".join(f"{p}:{r['sha256']}\n" for p, r in sorted(inputs.items())).encode()).hexdigest()
     tags = {"inputs_sha256": digest, "n_inputs": str(len(inputs))}
     if len(inputs) <= 20:
-        tags.update({f"input_sha256/{p}"[:250]: r["sha256"] for p, r in inputs.items()})
+        # MLflow refuses keys that resolve to another name as paths ("//" of an absolute input)
+        tags.update({f"input_sha256/{p.lstrip('/')}"[:250]: r["sha256"] for p, r in inputs.items()})
     return tags
 
 

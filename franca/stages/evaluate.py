@@ -22,6 +22,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--checkpoint", required=True)
         add_pairs_arg(parser, "--shards", "DIR", "shard directory of each dataset the config's splits name")
         parser.add_argument("--out", required=True, help="directory of features.pt and pca.pt")
+        parser.add_argument(
+            "--baselines",
+            action="store_true",
+            help="also cache the classification features of the run's random-init backbone and of raw pixels",
+        )
         parser.set_defaults(func=run_features)
     elif name == "rasa":
         parser.add_argument("--features", required=True)
@@ -92,6 +97,9 @@ def run_features(args: argparse.Namespace) -> int:
             "checkpoint": str(args.checkpoint),
             "img_size": size,
         }
+        if args.baselines:
+            feats["baselines"] = _baseline_features(ckpt_cfg, {s: samples(*cls_sources[s], caps[s]) for s in
+                                                               ("train", "val")}, geometry)  # fmt: skip
         torch.save(feats, out / "features.pt")
         n = int(ev.get("pca_images", 4))
         pca_images = _pca_images(samples(dense["dataset"], dense["val"], None), n, size)
@@ -100,6 +108,18 @@ def run_features(args: argparse.Namespace) -> int:
         current.outputs = [out / "features.pt", out / "pca.pt"]
         current.extra["caps"] = caps_applied
     return 0
+
+
+def _baseline_features(ckpt_cfg: dict, splits: dict, geometry: dict) -> dict:
+    """{"init" | "pixels": {split: {features, labels}}, "seed"}: the references of franca.eval.baselines."""
+    from franca.eval.baselines import BASELINES, extract_baseline_features, init_backbone, run_seed
+
+    seed = run_seed(ckpt_cfg)
+    init = init_backbone(ckpt_cfg["model"], seed)
+    size = geometry["crop_size"]
+    per_split = {s: extract_baseline_features(init, it, geometry["resize_size"], size, geometry["batch_size"])
+                 for s, it in splits.items()}  # fmt: skip
+    return {name: {s: per_split[s][name] for s in splits} for name in BASELINES} | {"seed": seed}
 
 
 def _pca_images(samples, n: int, size: int):
@@ -160,7 +180,17 @@ def run_eval(args: argparse.Namespace) -> int:
         bench_cfg = {"eval": {bench: sc["eval"][bench]}}
         with job("eval", args, bench_cfg, out, inputs, tags, record=f"{path.stem}.provenance.json") as current:
             result = evaluate(bench, feats, sc["eval"][bench], rasa_head=head)
+            if bench == "knn" and feats.get("baselines"):
+                result = _with_baselines(result, feats["baselines"], sc["eval"][bench])
             write_eval_json(path, bench, feats["checkpoint"], head is not None, result, feats.get("caps"))
             current.outputs = [path]
             current.log_metrics(result["metrics"])
     return 0
+
+
+def _with_baselines(result: dict, baselines: dict, kwargs: dict) -> dict:
+    """The trained k-NN plus ``init_*`` and ``pixels_*`` metrics of the same protocol on the same images."""
+    from franca.eval.baselines import knn_baselines
+
+    details = {**result.get("details", {}), "baselines": {"init_seed": baselines["seed"], "pixels": "eval crop"}}
+    return {"metrics": {**result["metrics"], **knn_baselines(baselines, kwargs)}, "details": details}

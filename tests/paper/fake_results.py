@@ -58,6 +58,7 @@ BENCH_METRICS = {
     "position_probe": ["r2"],
 }
 DENSE = ("hummingbird", "linseg", "overcluster", "position_probe")
+INIT_KNN, PIXELS_KNN = 0.15, 0.80  # k-NN of the random-init backbone (+ 0.01 per seed) and of raw pixels
 # one deliberately missing file: dinov2 seed 1 highres linseg
 MISSING = {("dinov2", 1, "highres", "linseg")}
 
@@ -98,6 +99,8 @@ def write_fake_tree(root: Path) -> Path:
                         continue
                     for rasa in (False, True) if (bench in DENSE and entry["rasa"]) else (False,):
                         values = {m: metric_value(exp, seed, ckpt, bench, m, rasa) for m in metrics}
+                        if bench == "knn" and ckpt == "pretrain":  # the features job's references (--baselines)
+                            values |= {"init_top1_k20": INIT_KNN + 0.01 * seed, "pixels_top1_k20": PIXELS_KNN}
                         if bench == "position_probe" and rasa:  # as franca.eval.position_probe writes it
                             values = {"r2": metric_value(exp, seed, ckpt, bench, "r2"), "r2_rasa": values["r2"]}
                         details = {"n_classes": N_CLASSES} if bench == "overcluster" else {}

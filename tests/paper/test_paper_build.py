@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fake_results import EXPERIMENTS, fake_inputs, metric_value, write_fake_tree
+from fake_results import EXPERIMENTS, INIT_KNN, PIXELS_KNN, fake_inputs, metric_value, write_fake_tree
 
 from franca.paper.build import build_paper, tex_escape
 from franca.paper.collect import PaperInputError, SourceIndex, collect_evals, parse_experiments
@@ -78,6 +78,24 @@ def test_main_table_mean_std_over_seeds(paper):
     assert missing["linseg_miou_n"] == 1 and "linseg missing for seed(s) 1" in missing["note"]
     assert not ((df["experiment"] == "mrl_only") & (df["checkpoint"] == "highres")).any()  # not configured
     assert "No highres rows for mrl_only, cyclic_only: highres: false" in (out / "main.md").read_text()
+
+
+def test_baselines_table_reads_each_run_against_its_random_init_and_raw_pixels(paper):
+    """Δ is the per-seed gain over the same seed's random init (mean ± std), judged against the trained spread."""
+    out, _, _ = paper
+    df = pd.read_csv(out / "baselines.csv")
+    assert list(df["experiment"]) == list(EXPERIMENTS)
+    franca = _row(df, experiment="franca")
+    trained = [100 * metric_value("franca", s, "pretrain", "knn", "top1_k20") for s in (0, 1)]
+    gains = [t - 100 * (INIT_KNN + 0.01 * s) for s, t in enumerate(trained)]
+    mean, std = _mean_std(trained)
+    assert (franca["knn_top1"], franca["knn_top1_std"], franca["knn_top1_n"]) == pytest.approx((mean, std, 2))
+    assert franca["knn_init_top1"] == pytest.approx(100 * (INIT_KNN + 0.005))
+    assert (franca["gain"], franca["gain_std"]) == pytest.approx(_mean_std(gains))
+    assert franca["knn_pixels_top1"] == pytest.approx(100 * PIXELS_KNN)
+    assert franca["note"] == f"Δ exceeds the seed spread of the trained k-NN ({std:.1f})"
+    assert _row(df, experiment="mrl_only")["note"] == "one seed: no spread to compare Δ with"
+    assert 'id="table-baselines"' in (out / "index.html").read_text()
 
 
 def test_ablation_deltas_vs_baseline(paper):

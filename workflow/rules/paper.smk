@@ -12,6 +12,7 @@ rule paper:
             category="Figures",
         ),
         ablation="results/paper/ablation.csv",
+        baselines="results/paper/baselines.csv",
     params:
         experiments=lambda w: fc.canonical_json(EXPERIMENTS),
         preset=PRESET,

@@ -13,6 +13,8 @@ rule features:
     params:
         shards=shards_args,
         out=lambda w, output: os.path.dirname(output.features),
+        # the references of the trained rows (random init, raw pixels) once per run, with its pretrain checkpoint
+        baselines=lambda w: "--baselines" if w.ckpt == "pretrain" else "",
         tags=tags("features"),
     wildcard_constraints:
         seed=r"\d+",
@@ -26,7 +28,7 @@ rule features:
         "logs/features/{exp}/s{seed}/{ckpt}.log",
     shell:
         "franca features --config {input.config} --checkpoint {input.ckpt} {params.shards} --out {params.out} "
-        "--threads {threads} {params.tags} 2> {log}"
+        "{params.baselines} --threads {threads} {params.tags} 2> {log}"
 
 
 rule rasa:
