@@ -65,7 +65,7 @@ class Cell:
             return ""
         d = self.decimals
         if self.kind.startswith("delta-"):
-            return f"{self.mean:+.{d}f}"
+            return f"{self.mean:+.{d}f}" + (f" ± {self.std:.{d}f}" if self.std is not None else "")
         if self.kind == "ref":
             return f"{self.mean:.{d}f}"
         spread = f" ± {self.std:.{d}f}" if self.std is not None else ""
@@ -255,7 +255,8 @@ def main_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
 
 
 def ablation_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
-    """{baseline, +MRL, +CyclicMask, Franca} x {no RASA, RASA} on the dense metrics, delta vs the baseline.
+    """{baseline, +MRL, +CyclicMask, Franca} x {no RASA, RASA} on the dense metrics, delta vs the baseline with the
+    spread of the per-seed differences (``_ablation_row``).
 
     The baseline of every delta is the DINOv2 baseline without RASA at the same checkpoint. Rows of variants,
     checkpoints or RASA that the run did not configure are left out, with a footnote.
@@ -268,8 +269,9 @@ def ablation_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table
     table = Table(
         "ablation",
         "Ablation",
-        "Dense metrics, mean ± std over seeds; Δ = difference of means to the "
-        "DINOv2 baseline without RASA at the same checkpoint.",
+        "Dense metrics, mean ± std over seeds; Δ = difference of means to the DINOv2 baseline without RASA at the "
+        "same checkpoint, ± the std of the per-seed differences (two or more common seeds). A row's note names the "
+        "metrics whose |Δ| is within the seed spread (that std, else the baseline's): their sign is not shown.",
         ["checkpoint", "variant", "RASA"],
         columns,
         secondary={k for k, _ in columns if k.removesuffix("_delta") in SECONDARY},
@@ -283,7 +285,8 @@ def ablation_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table
         base_spec = by_name.get(ABLATION_VARIANTS[0][0])
         base = {}
         if base_spec is not None and ckpt in base_spec.checkpoints:
-            base = {c.key: lookup.cell(c, base_spec.name, base_spec.seeds, ckpt, False)[0] for c in cols}
+            base = {c.key: (lookup.cell(c, base_spec.name, base_spec.seeds, ckpt, False)[0],
+                            _per_seed(lookup, c, base_spec, ckpt, False)) for c in cols}  # fmt: skip
         for name, label in ABLATION_VARIANTS:
             spec = by_name.get(name)
             if spec is None:
@@ -306,19 +309,35 @@ def ablation_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table
     return table
 
 
+def _per_seed(lookup: EvalLookup, col: MetricColumn, spec: ExperimentSpec, ckpt: str, rasa: bool) -> dict:
+    cells = {seed: lookup.cell(col, spec.name, [seed], ckpt, rasa)[0] for seed in spec.seeds}
+    return {seed: cell.mean for seed, cell in cells.items() if cell.mean is not None}
+
+
 def _ablation_row(spec, ckpt, rasa, lookup, base, cols) -> tuple[list[Cell], str]:
-    cells, notes = [], []
+    """Each metric and its Δ to the baseline: difference of the means, ± the std of the per-seed differences when
+    both have two or more common seeds. A Δ no larger than the seed spread (that std, else the baseline's own seed
+    std) is named in the row note: its sign is not established by this run."""
+    cells, notes, within = [], [], []
     for col in cols:
         cell, missing = lookup.cell(col, spec.name, spec.seeds, ckpt, rasa)
         notes.append(_missing_note(col, missing, rasa))
-        ref = base.get(col.key)
+        ref, ref_seeds = base.get(col.key, (None, {}))
         delta = Cell(f"delta-{col.kind}")
         if ref is not None and ref.mean is not None and cell.mean is not None:
-            delta.mean, delta.values = cell.mean - ref.mean, [cell.mean - ref.mean]
+            ours = _per_seed(lookup, col, spec, ckpt, rasa)
+            paired = [ours[s] - ref_seeds[s] for s in sorted(ours.keys() & ref_seeds.keys())]
+            delta.mean, delta.values = cell.mean - ref.mean, paired or [cell.mean - ref.mean]
+            delta.std = float(np.std(paired, ddof=1)) if len(paired) > 1 else None
             delta.sources = list(dict.fromkeys(cell.sources + ref.sources))
+            spread = delta.std if delta.std is not None else ref.std
+            if spread is not None and abs(delta.mean) <= spread:
+                within.append(col.label)
         cells += [cell, delta]
     if spec.name == ABLATION_VARIANTS[0][0] and not rasa:
         notes.insert(0, "baseline of Δ")
+    elif within:
+        notes.append(f"|Δ| within the seed spread: {_names(within)}")
     return cells, _join(notes)
 
 

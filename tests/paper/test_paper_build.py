@@ -481,3 +481,22 @@ def test_page_says_when_a_cap_applied(tmp_path):
         assert note in (tmp_path / "capped" / f"{table}.md").read_text()
     assert escape(note) in (tmp_path / "capped" / "index.html").read_text()
     assert note not in (tmp_path / "capped" / "rasa.md").read_text()
+
+
+def test_ablation_delta_spread_is_the_std_of_per_seed_differences(paper):
+    """Franca and the baseline share seeds 0 and 1: Δ's spread is the std of (franca_s - dinov2_s); a single-seed
+    variant has no paired spread and is judged against the baseline's own seed std."""
+    out, _, _ = paper
+    md = (out / "ablation.md").read_text()
+    diffs = [
+        100 * (metric_value("franca", s, "pretrain", "hummingbird", "miou") - metric_value("dinov2", s, "pretrain",
+                                                                                          "hummingbird", "miou"))
+        for s in (0, 1)
+    ]  # fmt: skip
+    assert _mean_std(diffs)[1] == pytest.approx(0.0, abs=1e-9)  # the fake offsets are seed-independent
+    assert "+10.0 ± 0.0" in md
+    df = pd.read_csv(out / "ablation.csv")
+    mrl = _row(df, checkpoint="pretrain", variant="+MRL", RASA="no")
+    assert mrl["hummingbird_miou_delta"] == pytest.approx(3.0)  # 0.04 + 0.00 vs the baseline mean 0.01
+    base_std = _mean_std([100 * metric_value("dinov2", s, "pretrain", "hummingbird", "miou") for s in (0, 1)])[1]
+    assert base_std == pytest.approx(1.414, abs=1e-3) and "within the seed spread" not in str(mrl["note"])
