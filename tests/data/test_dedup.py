@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import encode, photo_like
+from image_helpers import encode, photo_like
 from PIL import Image
 
 from franca.data.datacard import write_datacard

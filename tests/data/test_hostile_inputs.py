@@ -13,7 +13,7 @@ import tracemalloc
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ImageServer, encode, gzip_zeros, photo_like
+from image_helpers import ImageServer, encode, gzip_zeros, photo_like
 from PIL import Image, features
 
 from franca.data import sources

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import encode, photo_like
+from image_helpers import encode, photo_like
 
 from franca.data.manifest import canonicalise, read_manifest
 from franca.data.shards import AtomicTarWriter, ReadStats, ShardStream, ShardWriter, iter_samples, read_shard

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import encode, photo_like
+from image_helpers import encode, photo_like
 from PIL import Image
 
 from franca import cli
