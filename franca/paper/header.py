@@ -22,8 +22,8 @@ SCOPE = (
         "the DINO and iBOT terms below their uniform-target values (dashed on the training curves; teacher "
         "temperature 0.02 and KoLeo 1.0). It cannot show the paper's claims: the generated classes are given away by "
         "colour and position, so raw pixels beat every trained model; an ablation difference within the seed spread "
-        "(named in its row's note) means nothing; RASA removes about a third of the position R^2, not the paper's "
-        "share. docs/tiny-evidence.md has the measurements.",
+        "(named in its row's note) means nothing; RASA leaves 60-90% of the position R^2 (a fresh probe after RASA "
+        "should keep at most 20%). docs/tiny-evidence.md has the measurements.",
     ),
     (
         "small",
