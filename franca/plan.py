@@ -18,7 +18,8 @@ their rolling checkpoint, so a row's ``jobs`` is the number of submissions it ne
 
 Optional config section ``cluster`` (any key may be absent): gpu_type, mfu, cpus_per_gpu, mem_mb_per_gpu,
 job_time_limit_min, runtime_margin, cpu_flops (the achieved rate of a CPU-only run), mfu_results (the directory of
-recorded MFU results).
+recorded MFU and fetch results), fetch_urls_per_core_s and shard_images_per_core_s (the unit jobs' rates; by default
+the recorded bench_fetch mix and a stated shard rate), unit_cpus.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ __all__ = [
     "format_plan",
     "main",
     "plan",
+    "recorded_fetch_rate",
     "recorded_mfu",
     "rule_resources",
     "unit_jobs",
+    "unit_rate",
     "unit_resources",
     "utilisation",
 ]
@@ -69,13 +72,16 @@ CLUSTER_DEFAULTS = {
     "runtime_margin": 1.25,
     "cpu_flops": None,  # None: the recorded result of the row's shape on the CPU, else DEFAULT_CPU_FLOPS
     "mfu_results": str(REPO_ROOT / "benchmarks" / "results"),
-    # Per-core throughput of the unit jobs (issue 17), measured on the 2-core development machine against a loopback
-    # server: fetch 300-380 URLs/s on 2 cores (issue 17, "Why"), shard (decode, pHash, layout, canonical re-encode).
-    "fetch_urls_per_core_s": 150.0,
-    "shard_images_per_core_s": 100.0,
+    # Per-core throughput of the unit jobs (issue 17). fetch: None = the recorded bench_fetch result (its realistic
+    # mix, the largest URL count, then the newest) in mfu_results, else DEFAULT_UNIT_RATES; shard (decode, pHash,
+    # layout, canonical re-encode) as measured on the 2-core development machine.
+    "fetch_urls_per_core_s": None,
+    "shard_images_per_core_s": None,
     "unit_cpus": 4,  # CPUs of one fetch / shard unit job at paper scale
 }
 UNIT_STAGES = {"fetch": "fetch_urls_per_core_s", "shard": "shard_images_per_core_s"}
+# the former fetcher's 300 URLs/s on 2 cores (issue 17, "Why"); the shard rate of the 2-core development machine
+DEFAULT_UNIT_RATES = {"fetch_urls_per_core_s": 150.0, "shard_images_per_core_s": 100.0}
 # Light CPU jobs: (cpus_per_task, mem_mb, runtime in minutes) at paper scale and on the tiny preset.
 CPU_STAGES = {
     "fetch": ((16, 32_000, 24 * 60), (1, 2_000, 30)),
@@ -139,10 +145,15 @@ def _display(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=64)
+def _load_json(path: str, mtime_ns: int) -> dict:
+    """One parsed result file (cached per modification time: the resources run once per rule of the DAG)."""
+    return json.loads(Path(path).read_text())
+
+
 def _load_result(path: str, mtime_ns: int) -> dict:
-    """One parsed result file (cached per modification time: rule_resources runs once per rule of the DAG)."""
+    """One bench_mfu result file."""
     try:
-        result = json.loads(Path(path).read_text())
+        result = _load_json(path, mtime_ns)
         missing = {"entries", "device_kind", "date"} - set(result)
         missing |= {f"entries[].{k}" for e in result.get("entries", []) for k in ("name", "shape") if k not in e}
         if missing:
@@ -249,9 +260,42 @@ def rule_resources(stage_cfg: Mapping, stage: str) -> dict:
     )
 
 
+def recorded_fetch_rate(directory: str | Path) -> tuple[float, str] | None:
+    """(URLs/s per core, source) of the fetcher on the realistic mix of ``bench_fetch`` results in ``directory``:
+    the result with the most URLs (a short table is dominated by its last dead URL's deadline), then the newest."""
+    found = []
+    for path in sorted(Path(directory).glob("fetch-*.json")):
+        try:
+            result = _load_json(str(path), path.stat().st_mtime_ns)
+            mix, cpus, n = result["runs"]["current_mix"], int(result["cpus"]), int(result["n_urls"])
+            found.append((n, result["date"], path, float(mix["urls_per_s"]) / cpus, cpus, result))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a bench_fetch result ({type(exc).__name__}: {exc})") from exc
+    if not found:
+        return None
+    n, date, path, rate, cpus, result = max(found, key=lambda f: (f[0], f[1]))
+    bad = ", ".join(f"{count} {kind}" for kind, count in result.get("mix_counts", {}).items())
+    return rate, f"{_display(path)}: {n:,} URLs ({bad}) at {rate * cpus:.0f} URLs/s on {cpus} cores, {date}"
+
+
+def unit_rate(cluster: Mapping, stage: str) -> tuple[float, str]:
+    """(items per second per core, source) of a unit stage: the explicit setting, else the recorded result (fetch),
+    else the stated default."""
+    key = UNIT_STAGES[stage]
+    if cluster.get(key) is not None:
+        return float(cluster[key]), f"set by cluster.{key}"
+    directory = Path(cluster.get("mfu_results") or CLUSTER_DEFAULTS["mfu_results"])
+    if stage != "fetch":
+        return DEFAULT_UNIT_RATES[key], f"default {DEFAULT_UNIT_RATES[key]:g}/s per core (no benchmark records it)"
+    found = recorded_fetch_rate(directory)
+    if found is None:
+        return DEFAULT_UNIT_RATES[key], f"default (no recorded bench_fetch result in {_display(directory)})"
+    return found
+
+
 def unit_minutes(cluster: Mapping, stage: str, rows: int, cpus: int) -> int:
     """Wall time of one unit job: its rows at the measured per-core rate, with the runtime margin, plus 5 min."""
-    seconds = rows / (float(cluster[UNIT_STAGES[stage]]) * cpus)
+    seconds = rows / (unit_rate(cluster, stage)[0] * cpus)
     return min(int(cluster["job_time_limit_min"]), math.ceil(seconds / 60 * cluster["runtime_margin"]) + 5)
 
 
@@ -308,6 +352,7 @@ class Plan:
     gpu_type: str
     mfu: float | None  # the explicit --mfu / cluster.mfu, else None (per row: recorded result or DEFAULT_MFU)
     rows: list[PlanRow] = field(default_factory=list)
+    unit_rates: dict[str, str] = field(default_factory=dict)  # unit stage -> where its per-core rate comes from
 
     @property
     def totals(self) -> dict[str, float]:
@@ -392,6 +437,8 @@ def plan(
     out = Plan(preset, cluster["gpu_type"], None if cluster["mfu"] is None else float(cluster["mfu"]))
     for name in used_datasets(first):
         out.rows += _unit_rows(first, name, cluster)
+        if first["data"]["datasets"][name].get("source") == "urls":
+            out.unit_rates |= {stage: unit_rate(cluster, stage)[1] for stage in UNIT_STAGES}
     out.rows += _dedup_rows(first)
     for exp, spec in experiments.items():
         for seed in spec.get("seeds", [0]):
@@ -517,6 +564,7 @@ def format_plan(p: Plan) -> str:
         text[0] += " where no measured MFU of a row's shape is recorded (MFU column and sources)"
     text += [fmt.format(*head), fmt.format(*["-" * w for w in widths])]
     text += [fmt.format(*row) for row in rows]
+    text += [f"unit rate source: {stage}: {source}" for stage, source in p.unit_rates.items()]
     for r in p.rows:
         if r.utilisation is not None:
             seed = "" if r.seed is None else f" seed {r.seed}"

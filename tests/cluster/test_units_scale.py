@@ -15,7 +15,7 @@ import repo_copy
 import yaml
 from repo_copy import BIN, copy_repo, run
 
-from franca.plan import CLUSTER_DEFAULTS, main, plan, unit_jobs
+from franca.plan import CLUSTER_DEFAULTS, cluster_settings, main, plan, recorded_fetch_rate, unit_jobs, unit_rate
 
 UNIT_ROWS = 100
 OVERRIDES = ["data.datasets.laion.unit_rows=100"]
@@ -67,7 +67,7 @@ def test_paper_dag_with_600_units_is_fast_and_planned(tmp_path, capsys):
 
     assert main(["--preset", "paper_vitl14_laion", *(f"--override={o}" for o in overrides), "--unit-jobs"]) == 0
     text = capsys.readouterr().out
-    minutes = math.ceil(UNIT_ROWS / (CLUSTER_DEFAULTS["fetch_urls_per_core_s"] * 4) / 60 * 1.25) + 5
+    minutes = math.ceil(UNIT_ROWS / (unit_rate(cluster_settings({}), "fetch")[0] * 4) / 60 * 1.25) + 5
     assert re.search(rf"^fetch +laion +600 units of <= 100 rows +600 +1 x CPU +{minutes} min", text, re.M), text
     assert f"fetch laion u000599: 4 CPU, {minutes} min" in text and "shard laion u000000: 4 CPU" in text
 
@@ -78,7 +78,7 @@ def test_plan_sizes_unit_jobs_before_the_table_exists():
     p = plan("paper_vitl14_laion", {"franca": {"seeds": [0], "highres": False, "rasa": False}})
     fetch = next(r for r in p.rows if r.rule == "fetch" and r.experiment == "laion")
     assert (fetch.jobs, len(fetch.units), fetch.cpus) == (600, 600, 4)
-    rate = CLUSTER_DEFAULTS["fetch_urls_per_core_s"] * 4
+    rate = unit_rate(cluster_settings({}), "fetch")[0] * 4
     assert fetch.runtime_min == math.ceil(1_000_000 / rate / 60 * CLUSTER_DEFAULTS["runtime_margin"]) + 5
     shard = next(r for r in p.rows if r.rule == "shard" and r.experiment == "laion")
     assert shard.jobs == 600 and shard.runtime_min > fetch.runtime_min  # decoding is slower per core than fetching
@@ -101,3 +101,34 @@ def test_plan_lists_the_dedup_fan_out_jobs():
         fan.totals["jobs"] == sum(r.jobs for r in fan.rows)
         and fan.totals["jobs"] - plan("paper_vitl14_laion", exps).totals["jobs"] == 1 + 600 + 32
     )
+
+
+def test_plan_prices_fetch_units_at_the_recorded_mix_rate(tmp_path, capsys):
+    """The fetch units' wall time comes from the recorded bench_fetch mix (not the happy path): the result with the
+    most URLs wins over a newer short one, whose last dead URL dominates; the plan prints the file it used."""
+    import json
+
+    for name, n, rate, date in [("fetch-a.json", 20_000, 550.0, "2026-12-07T21:00:00Z"),
+                                ("fetch-b.json", 4_000, 270.0, "2026-12-08T09:00:00Z")]:  # fmt: skip
+        mix = {"slow": n // 20, "dead": n // 400}
+        (tmp_path / name).write_text(json.dumps({"date": date, "cpus": 2, "n_urls": n, "mix_counts": mix,
+                                                 "runs": {"current_mix": {"urls_per_s": rate}}}))  # fmt: skip
+    rate, source = recorded_fetch_rate(tmp_path)
+    assert rate == 275.0 and source.startswith(
+        f"{tmp_path}/fetch-a.json: 20,000 URLs (1000 slow, 50 dead) at 550 URLs/s"
+    )
+    cluster = cluster_settings({}, mfu_results=str(tmp_path))
+    assert unit_rate(cluster, "fetch") == (rate, source)
+    assert unit_rate({**cluster, "fetch_urls_per_core_s": 10}, "fetch") == (
+        10.0,
+        "set by cluster.fetch_urls_per_core_s",
+    )
+    p = plan("paper_vitl14_laion", ["franca"], mfu_results=str(tmp_path))
+    fetch = next(r for r in p.rows if r.rule == "fetch" and r.experiment == "laion")
+    assert fetch.runtime_min == math.ceil(1_000_000 / (275.0 * 4) / 60 * CLUSTER_DEFAULTS["runtime_margin"]) + 5
+    assert p.unit_rates["fetch"] == source
+    (tmp_path / "fetch-c.json").write_text("{}")
+    with pytest.raises(ValueError, match="fetch-c.json: not a bench_fetch result"):
+        recorded_fetch_rate(tmp_path)
+    empty = cluster_settings({}, mfu_results=str(tmp_path / "none"))
+    assert unit_rate(empty, "fetch")[0] == 150.0 and "no recorded bench_fetch result" in unit_rate(empty, "fetch")[1]
