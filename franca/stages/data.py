@@ -161,6 +161,7 @@ def _acquire(
             n_classes=ds["n_classes"],
             shard_size=ds["shard_size"],
             position_bias=ds["position_bias"],
+            style=ds.get("style", "shapes"),
             **ds.get("duplicates", {}),
         )
         for tar in sorted((tmp / "shards").glob("*.tar")):  # raw/<split>/<split>-%06d.tar

@@ -197,3 +197,28 @@ def test_invariant_style_hides_the_class_from_raw_pixels(tmp_path):
 def test_style_is_checked():
     with pytest.raises(ValueError, match="style"):
         generate("/nonexistent", seed=0, n_train=1, n_val=0, n_test=0, style="cartoon")
+
+
+def test_the_workflow_generates_the_configured_style(tmp_path):
+    """``data.datasets.<synth>.style`` reaches the generator through the fetch stage (franca.stages.data._acquire):
+    the invariant set's records name their style, and the shapes default writes the same bytes as before the key."""
+    import json
+
+    from franca.config import compose
+    from franca.stages.data import _acquire
+
+    ds = {**compose("tiny", "franca")["data"]["datasets"]["synth"], "n_train": 8, "n_val": 4, "n_test": 4}
+    assert ds["style"] == "shapes"
+    for style in ("shapes", "invariant"):
+        _acquire({**ds, "style": style}, tmp_path / style)
+    styles = set()
+    for style in ("shapes", "invariant"):
+        with tarfile.open(next((tmp_path / style / "train").glob("*.tar"))) as tar:
+            meta = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        styles |= {(style, m["generator"].get("style", "shapes")) for m in meta}
+    assert styles == {("shapes", "shapes"), ("invariant", "invariant")}
+    legacy = {k: v for k, v in ds.items() if k != "style"}
+    _acquire(legacy, tmp_path / "legacy")
+    for split in ("train", "val"):
+        ours, before = (sorted((tmp_path / d / split).glob("*.tar")) for d in ("shapes", "legacy"))
+        assert [p.read_bytes() for p in ours] == [p.read_bytes() for p in before]

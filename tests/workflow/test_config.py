@@ -107,6 +107,7 @@ def test_unknown_key_in_a_config_file_names_the_file(tmp_path, monkeypatch):
         ("tiny", "data.datasets.synth.source=ftp", "data.datasets.synth.source: 'ftp' is not one of"),
         ("tiny", "~data.datasets.synth.n_train", "data.datasets.synth: 'n_train' is a required property"),
         ("tiny", "data.datasets.synth.shard_size=0", "data.datasets.synth.shard_size: 0 is less than"),
+        ("tiny", "data.datasets.synth.style=cubes", "data.datasets.synth.style: 'cubes' is not one of"),
         ("small", "~data.datasets.in_train.root", "data.datasets.in_train: 'root' is a required property"),
         ("small", "+data.datasets.in_train.url_list=x", "data.datasets.in_train.url_list: unknown key"),
         ("small", "+data.datasets.voc.ignore_index=300", "data.datasets.voc.ignore_index: 300 is greater than"),
