@@ -500,7 +500,8 @@ def _unit_rows(cfg: Mapping, name: str, cluster: Mapping) -> list[PlanRow]:
 
 def _dedup_rows(cfg: Mapping) -> list[PlanRow]:
     """One `dedup` job, or with ``data.dedup.fan_out`` the jobs of workflow/rules/dedup.smk: the eval sets' index,
-    one `dedup_unit` per work unit of the train set, one `dedup_block` per (band, block), then the `dedup` reduce."""
+    one `dedup_unit` per work unit of the train set, the `dedup_bands` list, one `dedup_block` per (band, block), then
+    the `dedup` reduce."""
     runtime, fan = rule_resources(cfg, "dedup")["runtime"], cfg["data"]["dedup"].get("fan_out")
     if not fan:
         return [PlanRow("dedup", "-", None, "dedup", 1, 1, 0, runtime)]
@@ -512,6 +513,7 @@ def _dedup_rows(cfg: Mapping) -> list[PlanRow]:
     return [
         PlanRow("dedup_eval_index", name, None, "eval sets' index", 1, 1, 0, res["runtime"]),
         _fanned_row("dedup_unit", name, f"{len(units)} units", units, res),
+        PlanRow("dedup_bands", name, None, "units' band index list (local)", 1, 1, 0, res["runtime"]),
         _fanned_row("dedup_block", name, f"{fan['bands']} bands x {n_blocks} blocks", blocks, res),
         PlanRow("dedup", name, None, "reduce: pairs -> kept", 1, 1, 0, runtime),
     ]

@@ -33,7 +33,7 @@ def _parts(folder, n_parts=60, rows=1000):
 @pytest.mark.timeout(600)
 def test_paper_dag_with_600_units_is_fast_and_planned(tmp_path, capsys):
     parts = _parts(tmp_path / "laion")
-    fan_out = "+data.dedup.fan_out={bands: 2, block_bits: 2}"  # dedup fans out over the same units
+    fan_out = "data.dedup.fan_out={bands: 2, block_bits: 2}"  # dedup fans out over the same units, in 8 blocks
     overrides = [f"data.datasets.laion.url_list={parts}", *OVERRIDES, fan_out]
     repo = copy_repo(tmp_path / "repo")
     config = {
@@ -88,18 +88,18 @@ def test_plan_lists_the_dedup_fan_out_jobs():
     """With data.dedup.fan_out, the plan has the jobs of workflow/rules/dedup.smk: one eval index, one dedup_unit per
     work unit of the train set, one dedup_block per (band, block) and the reduce; without it, one dedup job."""
     exps = {"franca": {"seeds": [0], "highres": False, "rasa": False}}
-    one = [r for r in plan("paper_vitl14_laion", exps).rows if r.rule.startswith("dedup")]
-    assert [(r.rule, r.jobs) for r in one] == [("dedup", 1)]
-    fan = plan("paper_vitl14_laion", exps, ["+data.dedup.fan_out={bands: 4, block_bits: 3}"])
+    without = plan("paper_vitl14_laion", exps, ["~data.dedup.fan_out"])
+    assert [(r.rule, r.jobs) for r in without.rows if r.rule.startswith("dedup")] == [("dedup", 1)]
+    fan = plan("paper_vitl14_laion", exps, ["data.dedup.fan_out={bands: 4, block_bits: 3}"])
     rows = {r.rule: r for r in fan.rows if r.rule.startswith("dedup")}
     assert [(rule, r.jobs) for rule, r in rows.items()] == [
-        ("dedup_eval_index", 1), ("dedup_unit", 600), ("dedup_block", 32), ("dedup", 1)
+        ("dedup_eval_index", 1), ("dedup_unit", 600), ("dedup_bands", 1), ("dedup_block", 32), ("dedup", 1)
     ]  # fmt: skip
     assert rows["dedup_unit"].units[-1] == "u000599" and rows["dedup_block"].units[:2] == ["b0-p0", "b0-p1"]
     assert "dedup_block laion b3-p7: 2 CPU, 60 min" in unit_jobs(fan)  # CPU_STAGES["dedup_part"], not the reduce's
     assert (
         fan.totals["jobs"] == sum(r.jobs for r in fan.rows)
-        and fan.totals["jobs"] - plan("paper_vitl14_laion", exps).totals["jobs"] == 1 + 600 + 32
+        and fan.totals["jobs"] - without.totals["jobs"] == 1 + 600 + 1 + 32
     )
 
 

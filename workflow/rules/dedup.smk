@@ -58,11 +58,33 @@ rule dedup_unit:
         "--threads {threads} {params.tags} 2> {log}"
 
 
+# One light local job lists every unit's band index (sha256 from the unit records), so that each block job depends on
+# one file: units + blocks DAG edges, not units x blocks (600 units x 4096 blocks would not build in minutes).
+rule dedup_bands:
+    localrule: True
+    input:
+        config=lambda w: config_file(f"{CONFIGS}/dedup/{w.dataset}.json"),
+        manifest=dedup_manifest,
+        index=lambda w: [f"data/dedup/{w.dataset}/fan_out/units/{u}/{name}" for u in dedup_unit_names(w.dataset)
+                         for name in ("bands.npy", "offsets.npy")],
+    output:
+        "data/dedup/{dataset}/fan_out/bands.json",
+    params:
+        tags=tags("dedup_bands"),
+    conda:
+        "../../envs/franca.yaml"
+    log:
+        "logs/dedup/{dataset}/bands.log",
+    shell:
+        "franca data dedup-bands --config {input.config} --units-dir data/dedup/{wildcards.dataset}/fan_out/units "
+        "--manifest {input.manifest} --out {output} --threads 1 {params.tags} 2> {log}"
+
+
 rule dedup_block:
     input:
         config=lambda w: config_file(f"{CONFIGS}/dedup/{w.dataset}.json"),
         manifest=dedup_manifest,
-        bands=lambda w: [f"data/dedup/{w.dataset}/fan_out/units/{u}/bands.npy" for u in dedup_unit_names(w.dataset)],
+        bands=rules.dedup_bands.output[0],
     output:
         "data/dedup/{dataset}/fan_out/blocks/b{band}-p{block}.parquet",
     params:
@@ -76,7 +98,8 @@ rule dedup_block:
         "logs/dedup/{dataset}/blocks/b{band}-p{block}.log",
     shell:
         "franca data dedup-block --config {input.config} --units-dir data/dedup/{wildcards.dataset}/fan_out/units "
-        "--manifest {input.manifest} --band {wildcards.band} --block {wildcards.block} --out {output} "
+        "--manifest {input.manifest} --bands-index {input.bands} --band {wildcards.band} --block {wildcards.block} "
+        "--out {output} "
         "--threads {threads} {params.tags} 2> {log}"
 
 
