@@ -365,13 +365,8 @@ def baselines_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Tabl
         trained, missing = lookup.cell(KNN_TOP1, spec.name, spec.seeds, "pretrain", False)
         init, _ = lookup.cell(KNN_INIT, spec.name, spec.seeds, "pretrain", False)
         pixels, _ = lookup.cell(KNN_PIXELS, spec.name, spec.seeds, "pretrain", False)
-        gains, sources = [], []
-        for seed in spec.seeds:
-            t, i = (lookup.cell(c, spec.name, [seed], "pretrain", False)[0] for c in (KNN_TOP1, KNN_INIT))
-            if t.mean is not None and i.mean is not None:
-                gains.append(t.mean - i.mean)
-                sources += t.sources
-        gain = Cell.of("pct", gains, sources)
+        ours, base = (_per_seed(lookup, c, spec, "pretrain", False) for c in (KNN_TOP1, KNN_INIT))
+        gain = Cell.of("pct", [ours[s] - base[s] for s in sorted(ours.keys() & base.keys())], trained.sources)
         table.add([spec.name], [trained, init, gain, pixels], _gain_note(gain, trained, missing))
     if not any(cells[1].mean is not None for _, cells, _ in table.rows):
         table.footnotes.append("No random-init or raw-pixel k-NN in this run's results (features without --baselines).")
