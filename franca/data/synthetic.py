@@ -3,7 +3,8 @@
 Each image: a textured background (1/f noise mixing two random colours), 1..``max_objects`` objects drawn one over
 the other, each of a class ``c`` = (shape ``c % 6``, hue ``c / C``, stripe orientation ``45 deg * (c // 6)``), and
 a per-pixel mask (class id + 1 on object pixels, 0 on background; 255 is never used here). The label is the class
-of the dominant object: the one with most visible pixels after occlusion (ties: the primary object wins).
+of the dominant object: the one with most visible pixels after occlusion (ties: the primary object wins). ``style``
+(``STYLES``) sets what else varies from image to image.
 
 Position bias knob ``position_bias = b`` in [0, 1]:
   * with probability ``b`` the first object (the large "primary") is centred near its class anchor (anchors on a
@@ -47,9 +48,12 @@ __all__ = ["SHAPES", "SPLITS", "class_names", "class_colours", "pink_noise", "re
 SHAPES = ("disk", "square", "diamond", "triangle", "cross", "ellipse")
 # ``style``: "shapes" (class = shape + hue + stripe angle 0 / 45 deg; raw pixels give the class away: k-NN on the
 # pixels 0.87 with 8 classes) or "invariant" (class = shape + stripe angle 0 / 90 deg, both kept by flips, crops
-# and colour jitter; each object gets a random colour and the primary a wider scale range, so the pixels do not)
-STYLES = ("shapes", "invariant")
-PRIMARY_RADIUS = {"shapes": (0.16, 0.24), "invariant": (0.12, 0.28)}  # fractions of the image side
+# and colour jitter; each object gets a random colour and the primary a wider scale range, so the pixels do not) or
+# "nuisance" (the class of "shapes", hue included, under the nuisances that the augmentations teach invariance to:
+# an achromatic background of random luminance and contrast, object brightness x 0.35-1, the primary's wider scale
+# range, and position-bias anchors drawn independently of the class; the tiny preset's style, docs/tiny-evidence.md)
+STYLES = ("shapes", "invariant", "nuisance")
+PRIMARY_RADIUS = {"shapes": (0.16, 0.24), "invariant": (0.12, 0.28), "nuisance": (0.12, 0.28)}  # of the image side
 SPLITS = ("train", "val", "test")
 _CHUNK = 64  # images per RNG chunk (fixes the bytes independently of shard_size)
 _PNG = {"format": "PNG", "compress_level": 1, "optimize": False}
@@ -126,9 +130,11 @@ def _draw_objects(rng, n, n_classes, size, max_objects, position_bias, style) ->
         cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
         if k == 0:
             biased = rng.random(n) < position_bias
+            # "nuisance": the anchor is drawn independently of the class (position stays decodable, not the class)
+            cls_anchor = rng.integers(0, n_classes, size=n) if style == "nuisance" else cls
             jitter = rng.normal(0.0, 0.05 * size, size=(2, n))
-            cx = np.where(biased, np.clip(anchors[0, cls] + jitter[0], r, size - r), cx)
-            cy = np.where(biased, np.clip(anchors[1, cls] + jitter[1], r, size - r), cy)
+            cx = np.where(biased, np.clip(anchors[0, cls_anchor] + jitter[0], r, size - r), cx)
+            cy = np.where(biased, np.clip(anchors[1, cls_anchor] + jitter[1], r, size - r), cy)
         slots.append({"cls": cls, "shape": cls % len(SHAPES), "cx": cx, "cy": cy, "r": r, "active": k < n_obj})
     return slots
 
@@ -152,7 +158,10 @@ def render_batch(
     """
     colours = class_colours(n_classes)  # (C, 3)
     noise = pink_noise(rng, n, size)[..., None]  # (n, S, S, 1)
-    c0, c1 = rng.uniform(0.1, 0.7, size=(n, 1, 1, 3)), rng.uniform(0.1, 0.7, size=(n, 1, 1, 3))
+    if style == "nuisance":  # achromatic: two grey levels (0.1-0.9 lets colour-shifted copies clip past dedup)
+        c0, c1 = np.repeat(rng.uniform(0.2, 0.8, size=(2, n, 1, 1, 1)), 3, axis=-1)
+    else:
+        c0, c1 = rng.uniform(0.1, 0.7, size=(n, 1, 1, 3)), rng.uniform(0.1, 0.7, size=(n, 1, 1, 3))
     image = (c0 * (1 - noise) + c1 * noise).astype(np.float32)  # (n, S, S, 3)
     ramp = (np.arange(size) + 0.5) / size - 0.5  # (S,), top -> bottom
     image = image + np.float32(position_bias * gradient_strength) * ramp[None, :, None, None].astype(np.float32)
@@ -160,18 +169,21 @@ def render_batch(
     mask = np.zeros((n, size, size), dtype=np.uint8)
     owner = np.full((n, size, size), -1, dtype=np.int8)  # draw slot visible at each pixel
     slots = _draw_objects(rng, n, n_classes, size, max_objects, position_bias, style)
-    period = 4.0 if style == "shapes" else max(4.0, size / 8)  # stripes: 8 px at 64 px (4 px survive no blur)
+    period = 4.0 if style != "invariant" else max(4.0, size / 8)  # stripes: 8 px at 64 px (4 px survive no blur)
     draw_order = list(range(1, max_objects)) + [0]  # secondaries first, the primary on top
     for k in draw_order:
         s = slots[k]
         dx, dy = xx[None] - s["cx"][:, None, None], yy[None] - s["cy"][:, None, None]
         inside = shape_masks(s["shape"], dx, dy, s["r"]) & s["active"][:, None, None]
         b, y, x = np.nonzero(inside)  # object pixels only: P = len(b)
-        theta = (np.pi / 4 if style == "shapes" else np.pi / 2) * (s["cls"][b] // len(SHAPES))
+        theta = (np.pi / 2 if style == "invariant" else np.pi / 4) * (s["cls"][b] // len(SHAPES))
         phase = (x + 0.5 - s["cx"][b]) * np.cos(theta) + (y + 0.5 - s["cy"][b]) * np.sin(theta)
         stripes = 0.5 + 0.5 * np.sin(2 * np.pi * phase / period)  # (P,)
         if style == "shapes":
             shade = rng.uniform(0.9, 1.0, size=n)[b] * (0.8 + 0.2 * stripes)  # (P,)
+            colour = colours[s["cls"][b]]  # (P, 3): the class colour
+        elif style == "nuisance":
+            shade = rng.uniform(0.35, 1.0, size=n)[b] * (0.8 + 0.2 * stripes)  # (P,): random object brightness
             colour = colours[s["cls"][b]]  # (P, 3): the class colour
         else:
             shade = 0.45 + 0.55 * stripes  # (P,): high-contrast stripes

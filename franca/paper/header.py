@@ -18,12 +18,14 @@ SCOPE = (
         "tiny",
         "A smoke test: generated 64 px images, a ~0.2 M-parameter ViT and CPU minutes. It can show that every stage "
         "runs end to end, that every number traces back to its files, run and commit, and that pretraining learns: "
-        "each variant's k-NN against its own random-init backbone (the table against random init and raw pixels), "
-        "the DINO and iBOT terms below their uniform-target values (dashed on the training curves; teacher "
-        "temperature 0.02 and KoLeo 1.0). It cannot show the paper's claims: the generated classes are given away by "
-        "colour and position, so raw pixels beat every trained model; an ablation difference within the seed spread "
-        "(named in its row's note) means nothing; RASA leaves 60-90% of the position R^2 (a fresh probe after RASA "
-        "should keep at most 20%). docs/tiny-evidence.md has the measurements.",
+        "each variant's k-NN against its own random-init backbone and against raw pixels (the table against random "
+        "init and raw pixels; the generated nuisances, grey backgrounds of random luminance, object brightness and "
+        "scale, position anchors blind to the class, hold raw pixels back, and the augmentations teach the models to "
+        "ignore them), and the DINO and iBOT terms below their uniform-target values (dashed on the training curves; "
+        "teacher temperature 0.02 and KoLeo 1.0). It cannot show the paper's claims at scale: the class is an object "
+        "colour that 100 iterations can learn; an ablation difference within the seed spread (named in its row's "
+        "note) means nothing; RASA leaves more than half of the position R^2 (a fresh probe after RASA should keep "
+        "at most 20%). docs/tiny-evidence.md has the measurements.",
     ),
     (
         "small",

@@ -32,11 +32,16 @@ def tiny_dedup_kwargs() -> dict:
     return {k: dd[k] for k in (*keys, *layout, "descriptor") if k in dd}
 
 
+def tiny_style() -> str:
+    """The generator style of the tiny preset's data, on which its dedup thresholds must hold."""
+    return OmegaConf.to_container(OmegaConf.load(SYNTH_YAML))["datasets"]["synth"]["style"]
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     summary = generate(root, seed=5, n_train=400, n_val=60, n_test=60, image_size=64, position_bias=0.8,
-                       shard_size=128, **FRACTIONS)  # fmt: skip
+                       shard_size=128, style=tiny_style(), **FRACTIONS)  # fmt: skip
     raw = {}
     for path in list_shards(root / "shards"):
         raw.update(dict(iter_raw_samples(path)))

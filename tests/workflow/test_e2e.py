@@ -53,13 +53,16 @@ def test_paper_is_built_from_this_run(run):
     assert {r["experiment"] for r in rows} >= {"franca", "dinov2"}
     numeric = [v for r in rows for k, v in r.items() if k not in ("experiment", "checkpoint", "note") and v]
     assert numeric and all(re.match(r"^-?\d", v) for v in numeric)
-    # issue 13: every variant learns: k-NN >= 3x chance (8 classes) and >= 20 points over its own random init
-    # (measured gains 34-51 points, seed spread ~4), next to the raw-pixel reference of the same images
+    # issue 13: every variant learns: k-NN >= 3x chance (8 classes), >= 20 points over its own random init and above
+    # the raw-pixel k-NN of the same images (style nuisance, measured: trained 76-82, init 14, pixels 65.5)
     baselines = {r["experiment"]: r for r in csv.DictReader(open(repo / "results/paper/baselines.csv"))}
     assert set(baselines) == set(_experiments(repo))
     for name, row in baselines.items():
         assert float(row["knn_top1"]) >= 3 * 100 / 8 and float(row["gain"]) >= 20, (name, row)
-        assert 0 < float(row["knn_pixels_top1"]) <= 100 and "does not exceed" not in row["note"], (name, row)
+        assert 0 < float(row["knn_pixels_top1"]) < float(row["knn_top1"]) and "does not exceed" not in row["note"], (
+            name,
+            row,
+        )
     assert (repo / "dvc.lock").exists()
 
 
