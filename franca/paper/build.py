@@ -46,6 +46,7 @@ from franca.paper.tables import (
     Table,
     ablation_table,
     baselines_table,
+    highres_table,
     main_table,
     rasa_table,
     reference_table,
@@ -65,7 +66,7 @@ def to_frame(table: Table) -> pd.DataFrame:
         rec: dict[str, object] = dict(zip(table.index, labels, strict=True))
         for (key, _), cell in zip(table.columns, cells, strict=True):
             rec[key] = cell.mean
-            if not cell.kind.startswith(("delta-", "ref")):
+            if cell.kind != "ref":  # a Δ's std and n are those of its per-seed differences
                 rec[f"{key}_std"], rec[f"{key}_n"] = cell.std, cell.n
         rec["note"] = note
         records.append(rec)
@@ -383,11 +384,12 @@ def build_paper(
         main_table(specs, lookup),
         baselines_table(specs, lookup),
         ablation_table(specs, lookup),
+        highres_table(specs, lookup),
         rasa_table(specs, rasa_frame),
         reference_table(preset, reference, ref_key, specs, lookup, dense_dataset),
     ]
     capped = cap_footnote(evals.attrs["caps"])
-    for table in tables[:3] if capped else []:  # the tables of this run's evaluations
+    for table in tables[:4] if capped else []:  # the tables of this run's evaluations
         table.footnotes.append(capped)
     for table in tables:
         atomic_write_text(out_dir / f"{table.name}.csv", to_frame(table).to_csv(index=False))

@@ -202,11 +202,11 @@ def render_index(
     sources: Mapping[str, Mapping],
     notes: Sequence[str],
 ) -> str:
-    """The whole page as a string. ``tables``: main, baselines, ablation, rasa (under the RASA figure) and
+    """The whole page as a string. ``tables``: main, baselines, ablation, highres, rasa (under the RASA figure) and
     reference."""
     ids = {path: f"src-{i}" for i, path in enumerate(sources)}
     chains = Chains()
-    first = ("main", "baselines", "ablation")
+    first = ("main", "baselines", "ablation", "highres")
     sections = [f"<section>{table_html(tables[n], chains)}</section>" for n in first if n in tables]
     figs = []
     for fig in figures:

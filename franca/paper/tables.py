@@ -315,30 +315,69 @@ def _per_seed(lookup: EvalLookup, col: MetricColumn, spec: ExperimentSpec, ckpt:
 
 
 def _ablation_row(spec, ckpt, rasa, lookup, base, cols) -> tuple[list[Cell], str]:
-    """Each metric and its Δ to the baseline: difference of the means, ± the std of the per-seed differences when
-    both have two or more common seeds. A Δ no larger than the seed spread (that std, else the baseline's own seed
-    std) is named in the row note: its sign is not established by this run."""
+    """Each metric and its Δ to the baseline (``_delta``). A Δ within the seed spread is named in the row note: its
+    sign is not established by this run."""
     cells, notes, within = [], [], []
     for col in cols:
         cell, missing = lookup.cell(col, spec.name, spec.seeds, ckpt, rasa)
         notes.append(_missing_note(col, missing, rasa))
         ref, ref_seeds = base.get(col.key, (None, {}))
-        delta = Cell(f"delta-{col.kind}")
-        if ref is not None and ref.mean is not None and cell.mean is not None:
-            ours = _per_seed(lookup, col, spec, ckpt, rasa)
-            paired = [ours[s] - ref_seeds[s] for s in sorted(ours.keys() & ref_seeds.keys())]
-            delta.mean, delta.values = cell.mean - ref.mean, paired or [cell.mean - ref.mean]
-            delta.std = float(np.std(paired, ddof=1)) if len(paired) > 1 else None
-            delta.sources = list(dict.fromkeys(cell.sources + ref.sources))
-            spread = delta.std if delta.std is not None else ref.std
-            if spread is not None and abs(delta.mean) <= spread:
-                within.append(col.label)
+        delta, inside = _delta(col, cell, _per_seed(lookup, col, spec, ckpt, rasa), ref, ref_seeds)
+        within += [col.label] if inside else []
         cells += [cell, delta]
     if spec.name == ABLATION_VARIANTS[0][0] and not rasa:
         notes.insert(0, "baseline of Δ")
     elif within:
         notes.append(f"|Δ| within the seed spread: {_names(within)}")
     return cells, _join(notes)
+
+
+def _delta(col: MetricColumn, cell: Cell, seeds: Mapping, ref: Cell | None, ref_seeds: Mapping) -> tuple[Cell, bool]:
+    """``cell - ref``: the difference of the means, ± the std of the per-seed differences when both share two or more
+    seeds; and whether |Δ| is within the seed spread (that std, else ref's own seed std)."""
+    delta = Cell(f"delta-{col.kind}")
+    if ref is None or ref.mean is None or cell.mean is None:
+        return delta, False
+    paired = [seeds[s] - ref_seeds[s] for s in sorted(seeds.keys() & ref_seeds.keys())]
+    delta.mean, delta.values = cell.mean - ref.mean, paired or [cell.mean - ref.mean]
+    delta.std = float(np.std(paired, ddof=1)) if len(paired) > 1 else None
+    delta.sources = list(dict.fromkeys(cell.sources + ref.sources))
+    spread = delta.std if delta.std is not None else ref.std
+    return delta, spread is not None and abs(delta.mean) <= spread
+
+
+HIGHRES_COLUMNS = (KNN_TOP1, LINEAR_TOP1, *DENSE_COLUMNS)
+CKPTS = ("highres", "pretrain")
+
+
+def highres_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
+    """What the high-resolution fine-tune (spec 4, stage 2) changes: per experiment, Δ = highres - pretrain of the
+    same run, ± the std of the per-seed differences; the note names the metrics whose |Δ| is within the spread."""
+    cols, dropped = _configured_columns(HIGHRES_COLUMNS, lookup, "high-resolution")
+    table = Table(
+        "highres",
+        "High-resolution fine-tuning",
+        "Δ = the fine-tuned checkpoint minus the pretrain checkpoint of the same experiment, difference of the means "
+        "± the std of the per-seed differences; without RASA.",
+        ["experiment"],
+        [(f"{c.key}_delta", f"Δ {c.label}") for c in cols],
+        secondary={f"{c.key}_delta" for c in cols if c.key in SECONDARY},
+    )
+    for spec in (s for s in specs if "highres" in s.checkpoints):
+        cells, notes, within = [], [], []
+        for col in cols:
+            cell = {ckpt: lookup.cell(col, spec.name, spec.seeds, ckpt, False) for ckpt in CKPTS}
+            notes += [f"{ckpt}: {_missing_note(col, cell[ckpt][1])}" for ckpt in CKPTS if cell[ckpt][1]]
+            seeds = {ckpt: _per_seed(lookup, col, spec, ckpt, False) for ckpt in CKPTS}
+            delta, inside = _delta(col, cell["highres"][0], seeds["highres"], cell["pretrain"][0], seeds["pretrain"])
+            within += [col.label] if inside else []
+            cells.append(delta)
+        notes += [f"|Δ| within the seed spread: {_names(within)}"] if within else []
+        table.add([spec.name], cells, _join(notes))
+    if not table.rows:
+        table.footnotes.append("No experiment of this run has a high-resolution fine-tune (highres: false).")
+    table.footnotes += [dropped] if dropped else []
+    return table
 
 
 KNN_INIT = MetricColumn("knn_init_top1", "random init", "knn", _first_of("init_top1_k20", "init_top1"))

@@ -98,6 +98,25 @@ def test_baselines_table_reads_each_run_against_its_random_init_and_raw_pixels(p
     assert 'id="table-baselines"' in (out / "index.html").read_text()
 
 
+def test_highres_table_is_the_paired_change_from_pretrain(paper):
+    """Δ = highres - pretrain of the same experiment (CKPT_OFFSET 0.02 in the fake results), ± the std of the
+    per-seed differences; experiments without a high-res fine-tune get no row."""
+    out, _, _ = paper
+    df = pd.read_csv(out / "highres.csv")
+    assert list(df["experiment"]) == [e for e, spec in EXPERIMENTS.items() if spec["highres"]]
+    for exp in ("franca", "dinov2"):
+        row = _row(df, experiment=exp)
+        diffs = [100 * (metric_value(exp, s, "highres", "hummingbird", "miou")
+                        - metric_value(exp, s, "pretrain", "hummingbird", "miou")) for s in (0, 1)]  # fmt: skip
+        assert (row["hummingbird_miou_delta"], row["hummingbird_miou_delta_std"]) == pytest.approx(
+            _mean_std(diffs), abs=1e-9
+        )
+        assert row["knn_top1_delta"] == pytest.approx(2.0) and row["position_r2_delta"] == pytest.approx(0.02)
+        within = str(row["note"]).partition("within the seed spread: ")[2]  # a +2.0 change, paired spread 0:
+        assert "Hummingbird" not in within and "k-NN" not in within  # (a missing linseg file leaves one pair)
+    assert 'id="table-highres"' in (out / "index.html").read_text()
+
+
 def test_ablation_deltas_vs_baseline(paper):
     out, _, _ = paper
     df = pd.read_csv(out / "ablation.csv")

@@ -13,6 +13,7 @@ rule paper:
         ),
         ablation="results/paper/ablation.csv",
         baselines="results/paper/baselines.csv",
+        highres="results/paper/highres.csv",
     params:
         experiments=lambda w: fc.canonical_json(EXPERIMENTS),
         preset=PRESET,
