@@ -18,11 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
-
 PRIMARY = "franca"
 
 
@@ -47,6 +42,8 @@ class ConfigError(ValueError):
 
 def compose(preset: str, experiment: str, seed: int = 0, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Full resolved config (plain dict) for one preset x experiment x seed."""
+    from omegaconf import OmegaConf  # with hydra, only where a config is composed: jobs and cached DAGs skip them
+
     cfg = copy.deepcopy(_compose_cached(str(config_dir()), preset, experiment, tuple(overrides)))
     if not any(o.split("=", 1)[0].lstrip("+~") == "seed" for o in overrides):
         cfg.seed = int(seed)  # seeds of one experiment share a composition; `${seed}` resolves below
@@ -56,6 +53,10 @@ def compose(preset: str, experiment: str, seed: int = 0, overrides: Sequence[str
 @functools.lru_cache(maxsize=64)
 def _compose_cached(cdir: str, preset: str, experiment: str, overrides: tuple[str, ...]):
     """The unresolved composition (DictConfig); every seed of an experiment resolves its own copy."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     args = [f"preset={preset}", f"experiment={experiment}", *overrides]
     GlobalHydra.instance().clear()
     try:
