@@ -27,7 +27,8 @@ include: "workflow/rules/paper.smk"
 rule all:
     default_target: True
     input:
-        "results/paper/index.html",
+        # every output of the paper, so that one missing (an output added by a code change) reruns it
+        rules.paper.output,
 
 
 onstart:
