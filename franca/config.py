@@ -115,6 +115,12 @@ def n_pretrain_stages(cfg: Mapping) -> int:
     return len(cfg["pretrain"]["stages"])
 
 
+def train_seed(cfg: Mapping[str, Any]) -> int:
+    """The seed a training stage builds its model and RNGs with: ``train.seed``, else the run's ``seed`` (0)."""
+    seed = (cfg.get("train") or {}).get("seed")
+    return int(cfg.get("seed", 0) if seed is None else seed)
+
+
 def stage_config(cfg: Mapping, stage: str, index: int = 1) -> dict[str, Any]:
     """The slice of `cfg` that determines the results of `stage` (pretrain stage `index` is 1-based)."""
     if stage == "pretrain":

@@ -1,9 +1,10 @@
 """The two references every trained row is read against (issue 13): its own random-init backbone and raw pixels.
 
-* ``init``: the backbone pretraining starts from. ``franca.train.loop`` seeds torch with the run seed and builds
-  ``SSLMetaArch``, whose first random draw is the student backbone; the teacher is a copy of it. So the teacher at
-  iteration 0 is ``build_backbone(model)`` right after ``torch.manual_seed(seed)`` (tests/eval/test_baselines.py
-  checks it against ``SSLMetaArch``). Its features are the final-norm CLS token, as the k-NN of the trained teacher.
+* ``init``: the backbone pretraining starts from. ``franca.train.loop`` seeds torch with the run seed
+  (``franca.config.train_seed``) and builds ``SSLMetaArch``, whose first random draw is the student backbone; the
+  teacher is a copy of it. So the teacher at iteration 0 is ``build_backbone(model)`` right after
+  ``torch.manual_seed(seed)`` (tests/eval/test_baselines.py checks it against ``SSLMetaArch``). Its features are the
+  final-norm CLS token, as the k-NN of the trained teacher.
 * ``pixels``: the evaluation crop itself (the same resize, centre crop and normalisation), flattened to 3 x H x W.
 
 Both are extracted from the same samples as the trained features, so a k-NN on them differs from the trained row
@@ -19,15 +20,9 @@ from torch import nn
 
 from franca.eval.features import _EvalMode, eval_transform, iter_batches
 
-__all__ = ["BASELINES", "extract_baseline_features", "init_backbone", "knn_baselines", "run_seed"]
+__all__ = ["BASELINES", "extract_baseline_features", "init_backbone", "knn_baselines"]
 
 BASELINES = ("init", "pixels")
-
-
-def run_seed(cfg: Mapping) -> int:
-    """The seed pretraining builds its model with (``train.seed``, else ``seed``; franca.train.loop.train)."""
-    seed = (cfg.get("train") or {}).get("seed")
-    return int(cfg.get("seed", 0) if seed is None else seed)
 
 
 def init_backbone(model_cfg: Mapping, seed: int) -> nn.Module:

@@ -112,9 +112,10 @@ def run_features(args: argparse.Namespace) -> int:
 
 def _baseline_features(ckpt_cfg: dict, splits: dict, geometry: dict) -> dict:
     """{"init" | "pixels": {split: {features, labels}}, "seed"}: the references of franca.eval.baselines."""
-    from franca.eval.baselines import BASELINES, extract_baseline_features, init_backbone, run_seed
+    from franca.config import train_seed
+    from franca.eval.baselines import BASELINES, extract_baseline_features, init_backbone
 
-    seed = run_seed(ckpt_cfg)
+    seed = train_seed(ckpt_cfg)
     init = init_backbone(ckpt_cfg["model"], seed)
     size = geometry["crop_size"]
     per_split = {s: extract_baseline_features(init, it, geometry["resize_size"], size, geometry["batch_size"])

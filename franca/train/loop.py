@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from franca.config import train_seed
 from franca.data.augmentations import DataAugmentationDINO
 from franca.data.collate import collate_data_and_cast, stack_crops
 from franca.data.masking import MaskingGenerator
@@ -423,7 +424,7 @@ def train(
     info = D.init_distributed(run_option(cfg, "device"))
     if run_option(cfg, "num_threads"):  # on a shared 2-core CPU, 1 thread beats 2 oversubscribed ones by ~5x
         torch.set_num_threads(int(run_option(cfg, "num_threads")))
-    seed = int(cfg_get(cfg, "train.seed", cfg.get("seed", 0)))
+    seed = train_seed(cfg)
     model, optimizer, scaler, autocast, resume = _setup(cfg, info, seed, ckpt_dir, init_from, init_mode)
     schedules = build_schedules(cfg, info.world_size)
     total = len(schedules.lr)

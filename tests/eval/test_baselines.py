@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from franca.config import compose, stage_config
-from franca.eval.baselines import extract_baseline_features, init_backbone, knn_baselines, run_seed
+from franca.config import compose, stage_config, train_seed
+from franca.eval.baselines import extract_baseline_features, init_backbone, knn_baselines
 from franca.eval.features import eval_transform
 from franca.train.distributed import DistInfo
 from franca.train.loop import _build_model
@@ -19,13 +19,13 @@ def test_init_backbone_is_the_teacher_pretraining_starts_from(experiment):
     """The same weights as the teacher of the training loop's model before its first step, for heads of any kind,
     and the global RNG is left as it was."""
     cfg = stage_config(compose("tiny", experiment, seed=3), "pretrain")
-    assert run_seed(cfg) == 3
+    assert train_seed(cfg) == 3
     model = _build_model(cfg, DistInfo(0, 1, 0, torch.device("cpu"), None), 3)
     teacher = model.teacher["backbone"].state_dict()
     torch.manual_seed(11)
     before = torch.rand(4)
     torch.manual_seed(11)
-    ours = init_backbone(cfg["model"], run_seed(cfg)).state_dict()
+    ours = init_backbone(cfg["model"], train_seed(cfg)).state_dict()
     assert torch.equal(torch.rand(4), before)
     assert ours.keys() == teacher.keys()
     assert all(torch.equal(ours[k], teacher[k]) for k in ours)
