@@ -90,6 +90,20 @@ def test_a_missing_paper_output_reruns_the_paper(run):
         aside.rename(table)
 
 
+def test_an_added_seed_runs_only_its_own_jobs(run, tmp_path):
+    """A seed added to one experiment schedules that seed's pretraining and its downstream jobs, then the paper;
+    nothing of the runs already done."""
+    repo = run["repo"]
+    experiments = _experiments(repo)
+    spec = experiments["mrl_only"]
+    added = {**experiments, "mrl_only": {**spec, "seeds": [*spec["seeds"], max(spec["seeds"]) + 1]}}
+    extra = tmp_path / "seeds.yaml"
+    extra.write_text(json.dumps({"experiments": added}))  # JSON is YAML
+    assert spec["rasa"] and not spec["highres"]  # one checkpoint, with RASA
+    jobs = dry_run_jobs(repo, f"--configfile={extra}")
+    assert jobs == {"pretrain": 1, "features": 1, "evaluate": 1, "rasa": 1, "evaluate_rasa": 1, "paper": 1, "all": 1}
+
+
 def test_one_yaml_edit_reruns_only_affected_stages(run):
     repo = run["repo"]
     path = repo / "config/eval/tiny.yaml"
