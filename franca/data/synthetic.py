@@ -179,11 +179,9 @@ def render_batch(
         theta = (np.pi / 2 if style == "invariant" else np.pi / 4) * (s["cls"][b] // len(SHAPES))
         phase = (x + 0.5 - s["cx"][b]) * np.cos(theta) + (y + 0.5 - s["cy"][b]) * np.sin(theta)
         stripes = 0.5 + 0.5 * np.sin(2 * np.pi * phase / period)  # (P,)
-        if style == "shapes":
-            shade = rng.uniform(0.9, 1.0, size=n)[b] * (0.8 + 0.2 * stripes)  # (P,)
-            colour = colours[s["cls"][b]]  # (P, 3): the class colour
-        elif style == "nuisance":
-            shade = rng.uniform(0.35, 1.0, size=n)[b] * (0.8 + 0.2 * stripes)  # (P,): random object brightness
+        if style != "invariant":  # "nuisance" varies the object brightness more widely
+            lo = 0.35 if style == "nuisance" else 0.9
+            shade = rng.uniform(lo, 1.0, size=n)[b] * (0.8 + 0.2 * stripes)  # (P,)
             colour = colours[s["cls"][b]]  # (P, 3): the class colour
         else:
             shade = 0.45 + 0.55 * stripes  # (P,): high-contrast stripes

@@ -42,6 +42,7 @@ from franca.paper.collect import (
 )
 from franca.paper.html import FigureEntry, Header, render_index
 from franca.paper.tables import (
+    EVAL_TABLES,
     EvalLookup,
     Table,
     ablation_table,
@@ -389,7 +390,7 @@ def build_paper(
         reference_table(preset, reference, ref_key, specs, lookup, dense_dataset),
     ]
     capped = cap_footnote(evals.attrs["caps"])
-    for table in tables[:4] if capped else []:  # the tables of this run's evaluations
+    for table in (t for t in tables if capped and t.name in EVAL_TABLES):
         table.footnotes.append(capped)
     for table in tables:
         atomic_write_text(out_dir / f"{table.name}.csv", to_frame(table).to_csv(index=False))

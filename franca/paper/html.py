@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 
-from franca.paper.tables import Cell, Table
+from franca.paper.tables import EVAL_TABLES, Cell, Table
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1180px;
@@ -206,8 +206,7 @@ def render_index(
     reference."""
     ids = {path: f"src-{i}" for i, path in enumerate(sources)}
     chains = Chains()
-    first = ("main", "baselines", "ablation", "highres")
-    sections = [f"<section>{table_html(tables[n], chains)}</section>" for n in first if n in tables]
+    sections = [f"<section>{table_html(tables[n], chains)}</section>" for n in EVAL_TABLES if n in tables]
     figs = []
     for fig in figures:
         below = ""

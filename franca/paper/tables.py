@@ -347,7 +347,8 @@ def _delta(col: MetricColumn, cell: Cell, seeds: Mapping, ref: Cell | None, ref_
 
 
 HIGHRES_COLUMNS = (KNN_TOP1, LINEAR_TOP1, *DENSE_COLUMNS)
-CKPTS = ("highres", "pretrain")
+# the tables of this run's evaluations, in page order (the cap footnote and the page's first sections)
+EVAL_TABLES = ("main", "baselines", "ablation", "highres")
 
 
 def highres_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
@@ -366,10 +367,12 @@ def highres_table(specs: Sequence[ExperimentSpec], lookup: EvalLookup) -> Table:
     for spec in (s for s in specs if "highres" in s.checkpoints):
         cells, notes, within = [], [], []
         for col in cols:
-            cell = {ckpt: lookup.cell(col, spec.name, spec.seeds, ckpt, False) for ckpt in CKPTS}
-            notes += [f"{ckpt}: {_missing_note(col, cell[ckpt][1])}" for ckpt in CKPTS if cell[ckpt][1]]
-            seeds = {ckpt: _per_seed(lookup, col, spec, ckpt, False) for ckpt in CKPTS}
-            delta, inside = _delta(col, cell["highres"][0], seeds["highres"], cell["pretrain"][0], seeds["pretrain"])
+            got = {}  # checkpoint -> (cell, per-seed values)
+            for ckpt in ("highres", "pretrain"):
+                cell, missing = lookup.cell(col, spec.name, spec.seeds, ckpt, False)
+                notes += [f"{ckpt}: {_missing_note(col, missing)}"] if missing else []
+                got[ckpt] = (cell, _per_seed(lookup, col, spec, ckpt, False))
+            delta, inside = _delta(col, *got["highres"], *got["pretrain"])
             within += [col.label] if inside else []
             cells.append(delta)
         notes += [f"|Δ| within the seed spread: {_names(within)}"] if within else []
