@@ -217,12 +217,11 @@ def dedup_datasets(cfg: Mapping) -> list[str]:
 
 def run_job_configs(cfg: Mapping) -> dict[str, dict[str, Any]]:
     """Every job config of one experiment x seed, by file stem: pretrain<i>, highres, features, rasa, eval (every
-    benchmark), eval_dense (the dense ones, run again with the RASA head) and run (orchestration, never a trigger)."""
-    benches, dense = cfg["eval"]["benchmarks"], cfg["eval"]["dense_benchmarks"]
+    benchmark, the dense ones also with the RASA head) and run (orchestration, never a trigger)."""
+    benches = cfg["eval"]["benchmarks"]
     out = {f"pretrain{i}": stage_config(cfg, "pretrain", i) for i in range(1, n_pretrain_stages(cfg) + 1)}
     out |= {stage: stage_config(cfg, stage) for stage in ("highres", "features", "rasa")}
     out["eval"] = {"eval": {b: cfg["eval"].get(b) or {} for b in benches}}
-    out["eval_dense"] = {"eval": {b: cfg["eval"].get(b) or {} for b in benches if b in dense}}
     out["run"] = dict(cfg["run"])
     return out
 

@@ -36,8 +36,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     else:
         parser.add_argument("benchmarks", nargs="+", choices=BENCHMARKS)
         parser.add_argument("--features", required=True)
-        parser.add_argument("--rasa-head", default=None, help="evaluate with this RASA head (dense benchmarks)")
-        parser.add_argument("--out-dir", required=True, help="writes <bench>.json (<bench>_rasa.json with a head)")
+        parser.add_argument(
+            "--rasa-benchmarks", nargs="+", default=[], choices=BENCHMARKS, help="run these again with --rasa-head"
+        )
+        parser.add_argument("--rasa-head", default=None, help="the checkpoint's RASA head (dense benchmarks)")
+        parser.add_argument("--out-dir", required=True, help="writes <bench>.json and <bench>_rasa.json")
         parser.set_defaults(func=run_eval)
 
 
@@ -162,31 +165,40 @@ def run_rasa(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """All requested benchmarks of one checkpoint in one job; each writes its own JSON and provenance record."""
-    from franca.eval.run import evaluate, write_eval_json
+    """All benchmarks of one checkpoint on one load of its features, then the ``--rasa-benchmarks`` again with the
+    RASA head; each (benchmark, head) writes its own JSON and provenance record."""
     from franca.rasa.rasa_head import RASAHead
 
     sc = start(args)
-    missing = [b for b in args.benchmarks if b not in sc["eval"]]
+    missing = [b for b in [*args.benchmarks, *args.rasa_benchmarks] if b not in sc["eval"]]
     if missing:
         raise SystemExit(f"{args.config}: no eval.{missing[0]} block for the requested benchmark {missing[0]!r}")
+    if bool(args.rasa_benchmarks) != bool(args.rasa_head):
+        raise SystemExit("--rasa-benchmarks and --rasa-head go together")
     feats = _load(args.features)
-    out = Path(args.out_dir)
-    suffix = "_rasa" if args.rasa_head else ""
-    inputs = [args.features, *([args.rasa_head] if args.rasa_head else [])]
     head = RASAHead.load(args.rasa_head).eval() if args.rasa_head else None
     for bench in args.benchmarks:
-        path = out / f"{bench}{suffix}.json"
-        tags = {"benchmark": bench, "rasa": head is not None, "out": path.name}
-        bench_cfg = {"eval": {bench: sc["eval"][bench]}}
-        with job("eval", args, bench_cfg, out, inputs, tags, record=f"{path.stem}.provenance.json") as current:
-            result = evaluate(bench, feats, sc["eval"][bench], rasa_head=head)
-            if bench == "knn" and feats.get("baselines"):
-                result = _with_baselines(result, feats["baselines"], sc["eval"][bench])
-            write_eval_json(path, bench, feats["checkpoint"], head is not None, result, feats.get("caps"))
-            current.outputs = [path]
-            current.log_metrics(result["metrics"])
+        _evaluate_one(args, sc, feats, bench, None)
+    for bench in args.rasa_benchmarks:
+        _evaluate_one(args, sc, feats, bench, head)
     return 0
+
+
+def _evaluate_one(args: argparse.Namespace, sc: dict, feats: dict, bench: str, head) -> None:
+    from franca.eval.run import evaluate, write_eval_json
+
+    out = Path(args.out_dir)
+    path = out / f"{bench}{'_rasa' if head is not None else ''}.json"
+    inputs = [args.features, *([args.rasa_head] if head is not None else [])]
+    tags = {"benchmark": bench, "rasa": head is not None, "out": path.name}
+    bench_cfg = {"eval": {bench: sc["eval"][bench]}}
+    with job("eval", args, bench_cfg, out, inputs, tags, record=f"{path.stem}.provenance.json") as current:
+        result = evaluate(bench, feats, sc["eval"][bench], rasa_head=head)
+        if bench == "knn" and head is None and feats.get("baselines"):
+            result = _with_baselines(result, feats["baselines"], sc["eval"][bench])
+        write_eval_json(path, bench, feats["checkpoint"], head is not None, result, feats.get("caps"))
+        current.outputs = [path]
+        current.log_metrics(result["metrics"])
 
 
 def _with_baselines(result: dict, baselines: dict, kwargs: dict) -> dict:

@@ -176,7 +176,7 @@ def test_small_dag_reads_in_val_for_classification(tmp_path):
         for job in features
     )
     outputs = {path for job in features for path in job["output"].split(", ")}
-    evals = [job for job in jobs if job["rule"] in ("evaluate", "evaluate_rasa")]
+    evals = [job for job in jobs if job["rule"] == "evaluate"]
     assert evals and all(any(p in outputs for p in job["input"].split(", ")) for job in evals)
 
 

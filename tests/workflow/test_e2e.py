@@ -101,7 +101,7 @@ def test_an_added_seed_runs_only_its_own_jobs(run, tmp_path):
     extra.write_text(json.dumps({"experiments": added}))  # JSON is YAML
     assert spec["rasa"] and not spec["highres"]  # one checkpoint, with RASA
     jobs = dry_run_jobs(repo, f"--configfile={extra}")
-    assert jobs == {"pretrain": 1, "features": 1, "evaluate": 1, "rasa": 1, "evaluate_rasa": 1, "paper": 1, "all": 1}
+    assert jobs == {"pretrain": 1, "features": 1, "evaluate": 1, "rasa": 1, "paper": 1, "all": 1}
 
 
 def test_one_yaml_edit_reruns_only_affected_stages(run):
@@ -114,7 +114,7 @@ def test_one_yaml_edit_reruns_only_affected_stages(run):
     finally:
         path.write_text(original)
     n_ckpts = sum(len(s["seeds"]) * (2 if s["highres"] else 1) for s in _experiments(repo).values())
-    assert jobs == {"evaluate": n_ckpts, "paper": 1, "all": 1}  # features, rasa, evaluate_rasa untouched
+    assert jobs == {"evaluate": n_ckpts, "paper": 1, "all": 1}  # features and rasa untouched
 
 
 @pytest.mark.parametrize("how", ["config", "configfile"])

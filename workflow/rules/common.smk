@@ -302,14 +302,23 @@ def benchmarks(exp, dense_only=False):
 
 
 def _eval_groups():
-    """[(benchmarks, experiments)] of the distinct benchmark lists (one evaluate rule each)."""
+    """[(benchmarks, dense benchmarks run again with the RASA head (none without RASA), experiments)] of the distinct
+    kinds of evaluate job (one rule each)."""
     groups = {}
     for exp in EXPERIMENTS:
-        groups.setdefault((tuple(benchmarks(exp)), tuple(benchmarks(exp, True))), []).append(exp)
-    return [(list(b), exps) for (b, _), exps in groups.items()], [list(d) for _, d in groups]
+        dense = benchmarks(exp, dense_only=True) if EXPERIMENTS[exp]["rasa"] else []
+        groups.setdefault((tuple(benchmarks(exp)), tuple(dense)), []).append(exp)
+    return [(list(b), list(d), exps) for (b, d), exps in groups.items()]
 
 
-EVAL_GROUPS, DENSE_BY_GROUP = _eval_groups()
+def rasa_eval_args(dense):
+    """The evaluate job's RASA arguments: the dense benchmarks to run again with the head, and the head."""
+    if not dense:
+        return ""
+    return lambda w, input: f"--rasa-benchmarks {' '.join(dense)} --rasa-head {input.head} "
+
+
+EVAL_GROUPS = _eval_groups()
 
 
 def eval_outputs(exp, seed, ckpt):
