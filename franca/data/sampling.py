@@ -7,7 +7,7 @@ in proportion to its share (largest-remainder rounding), drawn with a fixed seed
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +38,12 @@ def class_quotas(counts: dict, limit: int) -> dict:
     return quotas
 
 
-def stratified_keys(shard_paths: Iterable[str | Path], limit: int, seed: int) -> tuple[set[str] | None, int]:
-    """(keys of a class-stratified sample of ``limit`` samples, number of samples available); keys is None when the
-    shards hold at most ``limit`` samples (no cap applies)."""
-    labels = shard_labels(shard_paths)
+def stratified_keys(
+    shards: Iterable[str | Path] | Mapping[str, int | None], limit: int, seed: int
+) -> tuple[set[str] | None, int]:
+    """(keys of a class-stratified sample of ``limit`` samples, number of samples available) of the shards, or of
+    their :func:`shard_labels` read once already; keys is None when there are at most ``limit`` samples (no cap)."""
+    labels = shards if isinstance(shards, Mapping) else shard_labels(shards)
     if len(labels) <= limit:
         return None, len(labels)
     by_class: dict = {}

@@ -39,20 +39,31 @@ def init_backbone(model_cfg: Mapping, seed: int) -> nn.Module:
     return backbone
 
 
+def baseline_batch_features(init: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """{"init": (b, D), "pixels": (b, 3 crop^2)} of one eval batch (the init backbone in eval mode, no grad)."""
+    return {
+        "init": init.forward_features(batch["images"])["x_norm_clstoken"].float(),
+        "pixels": batch["images"].flatten(1).float(),
+    }
+
+
+def collect_baselines(parts: list[dict], labels: list[torch.Tensor]) -> dict[str, dict]:
+    """{"init" | "pixels": {features, labels}} of the batches' :func:`baseline_batch_features`."""
+    if not labels:
+        raise ValueError("extract_baseline_features: the sample iterable was empty")
+    return {name: {"features": torch.cat([p[name] for p in parts]), "labels": torch.cat(labels)} for name in BASELINES}
+
+
 def extract_baseline_features(
     init: nn.Module, samples: Iterable[dict], resize_size: int, crop_size: int, batch_size: int
 ) -> dict[str, dict]:
     """{"init": {features (n, D), labels}, "pixels": {features (n, 3 crop^2), labels}} of one sample iterable."""
-    parts: dict[str, list] = {name: [] for name in BASELINES}
-    labels = []
+    parts, labels = [], []
     with _EvalMode(init):
         for batch in iter_batches(samples, batch_size, lambda im: eval_transform(im, resize_size, crop_size)):
-            parts["init"].append(init.forward_features(batch["images"])["x_norm_clstoken"].float())
-            parts["pixels"].append(batch["images"].flatten(1).float())
+            parts.append(baseline_batch_features(init, batch))
             labels.append(batch["labels"])
-    if not labels:
-        raise ValueError("extract_baseline_features: the sample iterable was empty")
-    return {name: {"features": torch.cat(parts[name]), "labels": torch.cat(labels)} for name in BASELINES}
+    return collect_baselines(parts, labels)
 
 
 def knn_baselines(feats: Mapping, kwargs: Mapping) -> dict[str, float]:

@@ -25,7 +25,7 @@ def write_eval_json(
 ) -> dict:
     """Write ``{"benchmark", "checkpoint", "rasa", "metrics", "details", "caps"}`` (NaN -> null) and return it.
 
-    ``caps``: the evaluation-set caps that applied to the features (``{"applied": {"dataset:split": {"used",
+    ``caps``: the evaluation-set caps that applied to the features (``{"applied": {"dataset:split (use)": {"used",
     "available"}}, "seed"}``, see ``franca.data.sampling``), so that the page can say when a number is on a sample.
     """
     payload = {

@@ -39,17 +39,57 @@ def extract_eval_features(
     dense: Mapping[str, Iterable[dict]],
     geometry: Mapping,
     n_last_blocks: int,
+    init: nn.Module | None = None,
+    baseline_splits: Iterable[str] = ("train", "val"),
 ) -> dict:
-    """{"linear": {split: linear features}, "dense": {split: patch features}} of the given sample iterables."""
-    from franca.eval.features import extract_linear_features, extract_patch_features
+    """{"linear": {split: linear features}, "dense": {split: patch features}} of the given sample iterables; with
+    ``init``, also {"baselines": {"init" | "pixels": {split: {features, labels}}}} of the ``baseline_splits``,
+    computed on the same decoded batches as the linear features (one pass over each split)."""
+    from franca.eval.features import extract_patch_features
 
-    return {
-        "linear": {
-            s: extract_linear_features(backbone, samples, n_last_blocks=n_last_blocks, **geometry)
-            for s, samples in classification.items()
-        },
+    linear, refs = {}, {}
+    for split, samples in classification.items():
+        linear[split], ref = _classification_pass(
+            backbone, samples, geometry, n_last_blocks, init if split in baseline_splits else None
+        )
+        if ref is not None:
+            refs[split] = ref
+    out = {
+        "linear": linear,
         "dense": {s: extract_patch_features(backbone, samples, **geometry) for s, samples in dense.items()},
     }
+    if init is not None:
+        from franca.eval.baselines import BASELINES
+
+        out["baselines"] = {name: {split: ref[name] for split, ref in refs.items()} for name in BASELINES}
+    return out
+
+
+def _classification_pass(backbone, samples, geometry: Mapping, n_last_blocks: int, init) -> tuple[dict, dict | None]:
+    """(linear features, baseline features or None) of one split, each image decoded and transformed once."""
+    from franca.eval.baselines import baseline_batch_features, collect_baselines
+    from franca.eval.features import (
+        _collect,
+        _empty_error,
+        _EvalMode,
+        eval_transform,
+        iter_batches,
+        linear_batch_features,
+        linear_depth,
+    )
+
+    size, crop, device = geometry["resize_size"], geometry["crop_size"], geometry.get("device", "cpu")
+    n_blocks = linear_depth(backbone, n_last_blocks)
+    parts, refs, labels = [], [], []
+    with _EvalMode(backbone), _EvalMode(init if init is not None else nn.Identity()):
+        for batch in iter_batches(samples, geometry["batch_size"], lambda im: eval_transform(im, size, crop)):
+            parts.append(linear_batch_features(backbone, batch, n_blocks, device))
+            if init is not None:
+                refs.append(baseline_batch_features(init, batch))
+                labels.append(batch["labels"])
+    if not parts:
+        raise _empty_error("extract_linear_features")
+    return _collect(parts), (collect_baselines(refs, labels) if init is not None else None)
 
 
 def _dense_tokens(feats: Mapping, rasa_head: Callable | None, name: str) -> tuple:

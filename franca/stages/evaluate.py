@@ -9,6 +9,7 @@ then work on the cache. RASA is linear on the final-norm patch tokens, so applyi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -48,8 +49,10 @@ def run_features(args: argparse.Namespace) -> int:
     import torch
 
     from franca import config as fc
-    from franca.data.sampling import stratified_keys
+    from franca.config import train_seed
+    from franca.data.sampling import shard_labels, stratified_keys
     from franca.data.shards import iter_samples
+    from franca.eval.baselines import init_backbone
     from franca.eval.run import extract_eval_features, linear_blocks
     from franca.train.checkpoint import load_backbone
 
@@ -61,20 +64,24 @@ def run_features(args: argparse.Namespace) -> int:
     geometry = {"resize_size": size, "crop_size": size, "batch_size": int(ev["batch_size"])}
     seed, caps_applied = int(ev.get("sample_seed", 0)), {}
 
-    def samples(dataset: str, split: str, limit: int | None):
-        """The split's samples; over ``limit``, a class-stratified sample (never the first N: folder shards are
-        sorted by class)."""
+    @functools.cache
+    def labels(paths: tuple[str, ...]) -> dict:
+        return shard_labels(paths)  # one read of a split's labels, whatever caps it is sampled under
+
+    def samples(use: str, dataset: str, split: str, limit: int | None):
+        """The split's samples for one use (classification | dense); over ``limit``, a class-stratified sample (never
+        the first N: folder shards are sorted by class)."""
         if dataset not in dirs:
             raise SystemExit(
                 f"--shards: no directory for dataset {dataset!r} (the config names it; have {sorted(dirs)})"
             )
-        paths = [str(p) for p in shard_files(dirs[dataset], split)]
+        paths = tuple(str(p) for p in shard_files(dirs[dataset], split))
         keys = None
         if limit:
-            keys, available = stratified_keys(paths, int(limit), seed)
+            keys, available = stratified_keys(labels(paths), int(limit), seed)
             if keys is not None:
-                caps_applied[f"{dataset}:{split}"] = {"used": len(keys), "available": available}
-        return iter_samples(paths, kept_keys=keys)
+                caps_applied[f"{dataset}:{split} ({use})"] = {"used": len(keys), "available": available}
+        return iter_samples(list(paths), kept_keys=keys)
 
     cls_sources = fc.classification_sources(sc)
     # a test split that is the val split again (small preset: both in_val) would report on the images the linear
@@ -86,12 +93,15 @@ def run_features(args: argparse.Namespace) -> int:
     out = Path(args.out)
     inputs = [args.checkpoint, *(p for d in sorted(set(dirs.values())) for p in shard_files(d, "*"))]
     with job("features", args, {**sc, "img_size": size}, out, inputs) as current:
+        # the references of the trained rows (random init, raw pixels) on the same decoded train and val batches
+        init = init_backbone(ckpt_cfg["model"], train_seed(ckpt_cfg)) if args.baselines else None
         feats = extract_eval_features(
             backbone,
-            {s: samples(*cls_sources[s], caps[s]) for s in cls_splits},
-            {s: samples(dense["dataset"], dense[s], dense_caps[s]) for s in ("train", "val")},
+            {s: samples("classification", *cls_sources[s], caps[s]) for s in cls_splits},
+            {s: samples("dense", dense["dataset"], dense[s], dense_caps[s]) for s in ("train", "val")},
             geometry,
             linear_blocks(ev.get("linear")),
+            init=init,
         )
         feats |= {
             "linear_sources": {split: list(source) for split, source in cls_sources.items()},
@@ -100,30 +110,16 @@ def run_features(args: argparse.Namespace) -> int:
             "checkpoint": str(args.checkpoint),
             "img_size": size,
         }
-        if args.baselines:
-            feats["baselines"] = _baseline_features(ckpt_cfg, {s: samples(*cls_sources[s], caps[s]) for s in
-                                                               ("train", "val")}, geometry)  # fmt: skip
+        if init is not None:
+            feats["baselines"]["seed"] = train_seed(ckpt_cfg)
         torch.save(feats, out / "features.pt")
         n = int(ev.get("pca_images", 4))
-        pca_images = _pca_images(samples(dense["dataset"], dense["val"], None), n, size)
+        pca_images = _pca_images(samples("dense", dense["dataset"], dense["val"], None), n, size)
         pca_tokens = feats["dense"]["val"]["patch_tokens"][:n].clone()
         torch.save({"pca_images": pca_images, "pca_patch_tokens": pca_tokens}, out / "pca.pt")
         current.outputs = [out / "features.pt", out / "pca.pt"]
         current.extra["caps"] = caps_applied
     return 0
-
-
-def _baseline_features(ckpt_cfg: dict, splits: dict, geometry: dict) -> dict:
-    """{"init" | "pixels": {split: {features, labels}}, "seed"}: the references of franca.eval.baselines."""
-    from franca.config import train_seed
-    from franca.eval.baselines import BASELINES, extract_baseline_features, init_backbone
-
-    seed = train_seed(ckpt_cfg)
-    init = init_backbone(ckpt_cfg["model"], seed)
-    size = geometry["crop_size"]
-    per_split = {s: extract_baseline_features(init, it, geometry["resize_size"], size, geometry["batch_size"])
-                 for s, it in splits.items()}  # fmt: skip
-    return {name: {s: per_split[s][name] for s in splits} for name in BASELINES} | {"seed": seed}
 
 
 def _pca_images(samples, n: int, size: int):

@@ -229,7 +229,7 @@ def test_capped_sets_keep_every_class(small_data, monkeypatch, ckpt_file):
     feats = torch.load(small_data["root"] / "capped" / "features.pt", weights_only=True)
     assert sorted(feats["linear"]["train"]["labels"].tolist()) == [0, 1, 2]
     assert sorted(feats["linear"]["val"]["labels"].tolist()) == [0, 2]
-    assert feats["caps"]["applied"]["in_train:train"] == {"used": 3, "available": 6}
+    assert feats["caps"]["applied"]["in_train:train (classification)"] == {"used": 3, "available": 6}
     # the eval JSON carries the caps to the page (which prints them under its tables)
     eval_config = job_configs(small_data["root"], [*small_data["overrides"], *caps])["franca/s0/eval"]
     stage("eval", "knn", "--features", "capped/features.pt", "--out-dir", "capped/eval", config=eval_config)

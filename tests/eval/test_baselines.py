@@ -60,6 +60,34 @@ def test_pixel_features_are_the_eval_crop_and_knn_names_each_baseline():
     assert metrics["pixels_top1_k5"] == 1.0
 
 
+def test_one_pass_equals_the_separate_extractions():
+    """The features job's single pass per split (linear features and baselines on the same decoded batches) equals
+    the linear and baseline extractions run one after the other, batch by batch, and leaves the test split's
+    baselines out."""
+    from franca.eval.features import extract_linear_features, extract_patch_features
+    from franca.eval.run import extract_eval_features
+
+    cfg = compose("tiny", "franca")
+    torch.manual_seed(0)
+    backbone, init = init_backbone(cfg["model"], 5), init_backbone(cfg["model"], 0)
+    samples = {"train": _samples(24, 0), "val": _samples(10, 1), "test": _samples(6, 2)}
+    geometry = {"resize_size": 32, "crop_size": 32, "batch_size": 8}
+    feats = extract_eval_features(backbone, samples, {"val": samples["val"]}, geometry, 4, init=init)
+    for split, split_samples in samples.items():
+        ref = extract_linear_features(backbone, split_samples, n_last_blocks=4, **geometry)
+        assert all(torch.equal(feats["linear"][split][k], ref[k]) for k in ("cls_tokens", "patch_mean", "labels"))
+        if split == "test":
+            assert all(split not in feats["baselines"][name] for name in ("init", "pixels"))
+            continue
+        alone = extract_baseline_features(init, split_samples, 32, 32, 8)
+        for name in ("init", "pixels"):
+            assert torch.equal(feats["baselines"][name][split]["features"], alone[name]["features"])
+            assert torch.equal(feats["baselines"][name][split]["labels"], alone[name]["labels"])
+    dense = extract_patch_features(backbone, samples["val"], **geometry)
+    assert torch.equal(feats["dense"]["val"]["patch_tokens"], dense["patch_tokens"])
+    assert "baselines" not in extract_eval_features(backbone, samples, {}, geometry, 4)
+
+
 def test_absolute_input_paths_give_valid_mlflow_tag_names():
     from mlflow.utils.validation import _validate_tag_name
 
