@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     add_job_args(parser)
-    parser.add_argument("--init", default=None, help="checkpoint to start from (previous stage / resized teacher)")
+    parser.add_argument(
+        "--init", default=None, help="checkpoint to start from (previous stage; highres: the pretraining checkpoint)"
+    )
     if name == "resize-pos-embed":
         parser.add_argument("--out", required=True, help="the resized teacher checkpoint")
         parser.set_defaults(func=run_resize, command=name)
@@ -66,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
             out_dir=out,
             ckpt_dir=ckpt_dir,
             init_from=args.init,
-            init_mode="backbone" if stage == "highres" else "full",
+            init_mode="highres" if stage == "highres" else "full",  # highres: the teacher's pos_embed resized
             log_fn=lambda step, metrics: current.log_metrics(metrics, step),
             progress=bool(run.get("progress", False)),
         )

@@ -25,20 +25,19 @@ from franca.models.pos_embed import grid_of, resize_checkpoint_pos_embed
 from franca.train.checkpoint import FORMAT_TAG, CheckpointFormatError, atomic_torch_save, load_checkpoint
 from franca.train.distributed import unwrap
 
-__all__ = ["init_from_checkpoint", "load_prefixed", "resize_for_highres"]
+__all__ = ["init_from_checkpoint", "load_prefixed", "resize_for_highres", "resized_teacher"]
 
 logger = logging.getLogger(__name__)
 
 POS_EMBED_KEY = "backbone.pos_embed"
 
 
-def resize_for_highres(
-    src: str | os.PathLike, dst: str | os.PathLike, target_img_size: int, patch_size: int | None = None
-) -> Path:
-    """Write ``dst``: the teacher of ``src`` with its position embedding resized to ``target_img_size / patch``.
+def resized_teacher(src: str | os.PathLike, target_img_size: int, patch_size: int | None = None) -> dict:
+    """The checkpoint :func:`resize_for_highres` writes, in memory: the teacher of ``src`` with its position
+    embedding resized to ``target_img_size / patch``.
 
-    ``patch_size`` defaults to the source config's ``model.patch_size``. The written config has ``model.img_size``
-    and ``crops.global_crops_size`` set to ``target_img_size``.
+    ``patch_size`` defaults to the source config's ``model.patch_size``. The config has ``model.img_size`` and
+    ``crops.global_crops_size`` set to ``target_img_size``.
     """
     ckpt = load_checkpoint(src)
     if "teacher" not in ckpt:
@@ -54,15 +53,21 @@ def resize_for_highres(
     teacher = resize_checkpoint_pos_embed(ckpt["teacher"], key=POS_EMBED_KEY, new_grid=grid, antialias=True)
     cfg.setdefault("model", {})["img_size"] = int(target_img_size)
     cfg.setdefault("crops", {})["global_crops_size"] = int(target_img_size)
-    out = {
+    logger.info("pos_embed of %s: %s -> %dx%d grid", src, old_grid, grid, grid)
+    return {
         "format": FORMAT_TAG,
         "teacher": teacher,
         "config": cfg,
         "iteration": int(ckpt.get("iteration", 0)),
         "resized_from": {"path": str(src), "grid": old_grid, "new_grid": grid},
     }
-    logger.info("pos_embed %s -> %dx%d grid, written to %s", old_grid, grid, grid, dst)
-    return atomic_torch_save(out, dst)
+
+
+def resize_for_highres(
+    src: str | os.PathLike, dst: str | os.PathLike, target_img_size: int, patch_size: int | None = None
+) -> Path:
+    """Write ``dst``: :func:`resized_teacher` of ``src`` (the offline step of the official script)."""
+    return atomic_torch_save(resized_teacher(src, target_img_size, patch_size), dst)
 
 
 def load_prefixed(target: nn.Module, state: Mapping[str, torch.Tensor], prefix: str, where: str) -> None:
@@ -83,8 +88,16 @@ def load_prefixed(target: nn.Module, state: Mapping[str, torch.Tensor], prefix: 
 
 
 def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, mode: str = "full") -> dict:
-    """Load a previous stage's weights into ``model`` (an SSLMetaArch); returns the checkpoint's config."""
-    ckpt = load_checkpoint(path)
+    """Load a previous stage's weights into ``model`` (an SSLMetaArch); returns the checkpoint's config.
+
+    ``mode="highres"`` is ``"backbone"`` from :func:`resized_teacher` of ``path`` at the model's own resolution: the
+    offline resize done in memory, so the fine-tune starts from the pretraining checkpoint itself."""
+    if mode == "highres":
+        backbone = unwrap(model.teacher["backbone"])
+        ckpt = resized_teacher(path, grid_of(backbone.pos_embed) * backbone.patch_size, backbone.patch_size)
+        mode = "backbone"
+    else:
+        ckpt = load_checkpoint(path)
     if mode == "full":
         for tree in ("student", "teacher"):
             if tree not in ckpt:
@@ -98,6 +111,6 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, mode: str = 
         for tree in ("student", "teacher"):
             load_prefixed(unwrap(getattr(model, tree)["backbone"]), ckpt["teacher"], "backbone.", f"{path} [teacher]")
     else:
-        raise ValueError(f"init_mode must be 'full' or 'backbone', got {mode!r}")
+        raise ValueError(f"init_mode must be 'full', 'backbone' or 'highres', got {mode!r}")
     logger.info("initialised %s weights from %s", mode, path)
     return dict(ckpt.get("config") or {})

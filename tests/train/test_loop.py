@@ -284,6 +284,13 @@ def test_stage_init_full_and_highres_backbone(reference_run, tiny_cfg, tiny_shar
                 assert torch.equal(state[k], v), (tree, k)
     for k, v in heads.items():
         assert torch.equal(fresh.student.state_dict()[k], v), k  # heads stay freshly initialised
+    # the workflow's highres job does the same resize in memory, from the pretraining checkpoint itself
+    torch.manual_seed(7)
+    in_memory = SSLMetaArch(hr_cfg)
+    init_from_checkpoint(in_memory, final, "highres")
+    for tree in ("student", "teacher"):
+        ref, got = getattr(fresh, tree).state_dict(), getattr(in_memory, tree).state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), tree
     # without the offline resize the backbone load refuses the 8x8 grid with a clear error
     with pytest.raises(ValueError, match="pos_embed.*resize_for_highres"):
         init_from_checkpoint(SSLMetaArch(hr_cfg), final, "backbone")

@@ -225,7 +225,7 @@ def training_inputs(stage):
         if dataset == fc.dedup_dataset(full):
             inputs["kept"] = f"{dedup_dir(w)}/kept.txt"
         if stage == "highres":
-            inputs["init"] = f"results/highres/{w.exp}/s{w.seed}/init/teacher_resized.pt"
+            inputs["init"] = checkpoint_path(w.exp, w.seed, "pretrain")
         elif index > 1:
             inputs["init"] = f"results/pretrain/{w.exp}/s{w.seed}/stage{index - 1}/checkpoint.pt"
         return inputs

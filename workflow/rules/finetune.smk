@@ -1,24 +1,6 @@
-# High-resolution fine-tune (spec 4, stage 2): the teacher's pos_embed is resized offline (its own step), then
-# training loads only the backbone into student and teacher, with fresh heads, optimizer and schedules.
-
-
-rule highres_resize:
-    input:
-        config=job_config("highres"),
-        ckpt=lambda w: checkpoint_path(w.exp, w.seed, "pretrain"),
-    output:
-        "results/highres/{exp}/s{seed}/init/teacher_resized.pt",
-    params:
-        tags=tags("highres_resize"),
-    wildcard_constraints:
-        seed=r"\d+",
-    conda:
-        "../../envs/franca.yaml"
-    log:
-        "logs/highres/{exp}/s{seed}.resize.log",
-    shell:
-        "franca resize-pos-embed --config {input.config} --init {input.ckpt} --out {output} --threads {threads} "
-        "{params.tags} 2> {log}"
+# High-resolution fine-tune (spec 4, stage 2): the job resizes the pretraining teacher's pos_embed to the new grid (the
+# official offline step, done in memory; `franca resize-pos-embed` writes it as a file), then loads only the backbone
+# into student and teacher, with fresh heads, optimizer and schedules.
 
 
 rule highres:
