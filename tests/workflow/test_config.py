@@ -162,8 +162,12 @@ def test_small_dag_reads_in_val_for_classification(tmp_path):
     }
     (tmp_path / "small.json").write_text(json.dumps(config))
     env = {**os.environ, "PATH": f"{repo_copy.BIN}:{os.environ['PATH']}", "FRANCA_TRACKING": "off"}
-    cmd = ["snakemake", "-n", "--cores", "1", "--configfile", str(tmp_path / "small.json"), "--replace-workflow-config"]
-    jobs = repo_copy.dry_run_blocks(repo_copy.run(cmd, repo, env, 600).stdout)
+    cmd = ["snakemake", "-n", "-p", "--cores", "1", "--configfile", str(tmp_path / "small.json"),
+           "--replace-workflow-config"]  # fmt: skip
+    stdout = repo_copy.run(cmd, repo, env, 600).stdout
+    jobs = repo_copy.dry_run_blocks(stdout)
+    # eval.baselines is off at paper scale (raw-pixel features of a full train split do not fit in memory)
+    assert "franca features " in stdout and "--baselines" not in stdout
     fetched = {job["wildcards"] for job in jobs if job["rule"] == "fetch"}  # one work unit per local tree
     assert fetched == {f"dataset={name}, unit=u000000" for name in ("in_train", "in_val", "voc")}
     assert {job["output"] for job in jobs if job["rule"] == "gather"} == {
