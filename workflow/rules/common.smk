@@ -287,6 +287,11 @@ def manifest_args(w, input):
     return " ".join(f"--manifest {p.split('/')[1]}={p}" for p in input.manifests)
 
 
+def eval_baselines(w):
+    """Whether the features job also extracts the random-init and raw-pixel references (eval.baselines)."""
+    return bool(cfg(w.exp, w.seed)["eval"].get("baselines", False))
+
+
 def eval_shards(w):
     """Shard directories of the features job: the classification and dense datasets of its experiment."""
     return {f"shards_{name}": shard_dir(name) for name in fc.eval_datasets(cfg(w.exp, w.seed))}
@@ -303,7 +308,7 @@ def benchmarks(exp, dense_only=False):
 
 def _eval_groups():
     """[(benchmarks, dense benchmarks run again with the RASA head (none without RASA), experiments)] of the distinct
-    kinds of evaluate job (one rule each)."""
+    kinds of evaluate job (one rule each), the first experiment's kind first."""
     groups = {}
     for exp in EXPERIMENTS:
         dense = benchmarks(exp, dense_only=True) if EXPERIMENTS[exp]["rasa"] else []

@@ -3,10 +3,10 @@
 # per benchmark), and, when the experiment has RASA enabled, the dense benchmarks again with the checkpoint's RASA
 # head. The job's config file holds its benchmarks' blocks, so editing one benchmark's YAML reruns the jobs that
 # contain it. Experiments with different benchmark lists or RASA settings get one rule each (outputs are static
-# patterns); with one kind the rule keeps its name.
+# patterns): the first experiment's kind is `evaluate`, the others `evaluate_1`, `evaluate_2`, ...
 
 for _i, (_benches, _dense, _exps) in enumerate(EVAL_GROUPS):
-    _suffix = "" if len(EVAL_GROUPS) == 1 else f"_{_i}"
+    _suffix = f"_{_i}" if _i else ""
 
     rule:
         name:

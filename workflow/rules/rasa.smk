@@ -14,7 +14,7 @@ rule features:
         shards=shards_args,
         out=lambda w, output: os.path.dirname(output.features),
         # the references of the trained rows (random init, raw pixels) once per run, with its pretrain checkpoint
-        baselines=lambda w: "--baselines" if w.ckpt == "pretrain" and cfg(w.exp, w.seed)["eval"]["baselines"] else "",
+        baselines=lambda w: "--baselines" if w.ckpt == "pretrain" and eval_baselines(w) else "",
         tags=tags("features"),
     wildcard_constraints:
         seed=r"\d+",
