@@ -158,25 +158,6 @@ def extract_cls_features(
     return _collect(parts)
 
 
-def linear_depth(backbone: nn.Module, n_last_blocks: int) -> int:
-    """n_last_blocks clipped to the backbone depth (``len(backbone.blocks)`` when it exists)."""
-    depth = len(backbone.blocks) if hasattr(backbone, "blocks") else n_last_blocks
-    return max(1, min(n_last_blocks, depth))
-
-
-def linear_batch_features(backbone: nn.Module, batch: dict, n_blocks: int, device: str | torch.device) -> dict:
-    """One batch of :func:`extract_linear_features` (the backbone in eval mode, no grad)."""
-    layers = backbone.get_intermediate_layers(
-        batch["images"].to(device), n_blocks, return_class_token=True, norm=True
-    )  # n_blocks x (patch (b, N, D), cls (b, D))
-    return {
-        "cls_tokens": torch.stack([cls for _, cls in layers], dim=1).float().cpu(),
-        "patch_mean": layers[-1][0].mean(dim=1).float().cpu(),
-        "labels": batch["labels"],
-        "keys": batch["keys"],
-    }
-
-
 def extract_linear_features(
     backbone: nn.Module,
     samples: Iterable[dict],
@@ -185,18 +166,32 @@ def extract_linear_features(
     crop_size: int = 224,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    on_batch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Inputs of the linear probe (spec 7.2): normed CLS of the last n blocks and the last block's mean patch token.
 
-    n_last_blocks is clipped to the backbone depth (``len(backbone.blocks)`` when it exists).
+    n_last_blocks is clipped to the backbone depth (``len(backbone.blocks)`` when it exists). ``on_batch`` is called
+    with every transformed batch (under no_grad), so other features can share this pass over the samples.
     Returns {cls_tokens (n, n_blocks, D) in block order, patch_mean (n, D), labels (n,), keys}.
     """
-    n_blocks = linear_depth(backbone, n_last_blocks)
+    depth = len(backbone.blocks) if hasattr(backbone, "blocks") else n_last_blocks
+    n_blocks = max(1, min(n_last_blocks, depth))
+    parts = []
     with _EvalMode(backbone):
-        parts = [
-            linear_batch_features(backbone, batch, n_blocks, device)
-            for batch in iter_batches(samples, batch_size, lambda im: eval_transform(im, resize_size, crop_size))
-        ]
+        for batch in iter_batches(samples, batch_size, lambda im: eval_transform(im, resize_size, crop_size)):
+            layers = backbone.get_intermediate_layers(
+                batch["images"].to(device), n_blocks, return_class_token=True, norm=True
+            )  # n_blocks x (patch (b, N, D), cls (b, D))
+            parts.append(
+                {
+                    "cls_tokens": torch.stack([cls for _, cls in layers], dim=1).float().cpu(),
+                    "patch_mean": layers[-1][0].mean(dim=1).float().cpu(),
+                    "labels": batch["labels"],
+                    "keys": batch["keys"],
+                }
+            )
+            if on_batch is not None:
+                on_batch(batch)
     if not parts:
         raise _empty_error("extract_linear_features")
     return _collect(parts)

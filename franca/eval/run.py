@@ -66,30 +66,19 @@ def extract_eval_features(
 
 
 def _classification_pass(backbone, samples, geometry: Mapping, n_last_blocks: int, init) -> tuple[dict, dict | None]:
-    """(linear features, baseline features or None) of one split, each image decoded and transformed once."""
+    """(linear features, baseline features of the same batches or None) of one split, decoded once."""
     from franca.eval.baselines import baseline_batch_features, collect_baselines
-    from franca.eval.features import (
-        _collect,
-        _empty_error,
-        _EvalMode,
-        eval_transform,
-        iter_batches,
-        linear_batch_features,
-        linear_depth,
-    )
+    from franca.eval.features import extract_linear_features
 
-    size, crop, device = geometry["resize_size"], geometry["crop_size"], geometry.get("device", "cpu")
-    n_blocks = linear_depth(backbone, n_last_blocks)
-    parts, refs, labels = [], [], []
-    with _EvalMode(backbone), _EvalMode(init if init is not None else nn.Identity()):
-        for batch in iter_batches(samples, geometry["batch_size"], lambda im: eval_transform(im, size, crop)):
-            parts.append(linear_batch_features(backbone, batch, n_blocks, device))
-            if init is not None:
-                refs.append(baseline_batch_features(init, batch))
-                labels.append(batch["labels"])
-    if not parts:
-        raise _empty_error("extract_linear_features")
-    return _collect(parts), (collect_baselines(refs, labels) if init is not None else None)
+    refs, labels = [], []
+
+    def reference(batch: dict) -> None:
+        refs.append(baseline_batch_features(init, batch))
+        labels.append(batch["labels"])
+
+    hook = reference if init is not None else None
+    linear = extract_linear_features(backbone, samples, n_last_blocks=n_last_blocks, on_batch=hook, **geometry)
+    return linear, (collect_baselines(refs, labels) if init is not None else None)
 
 
 def _dense_tokens(feats: Mapping, rasa_head: Callable | None, name: str) -> tuple:

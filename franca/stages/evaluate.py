@@ -94,7 +94,8 @@ def run_features(args: argparse.Namespace) -> int:
     inputs = [args.checkpoint, *(p for d in sorted(set(dirs.values())) for p in shard_files(d, "*"))]
     with job("features", args, {**sc, "img_size": size}, out, inputs) as current:
         # the references of the trained rows (random init, raw pixels) on the same decoded train and val batches
-        init = init_backbone(ckpt_cfg["model"], train_seed(ckpt_cfg)) if args.baselines else None
+        init_seed = train_seed(ckpt_cfg)
+        init = init_backbone(ckpt_cfg["model"], init_seed) if args.baselines else None
         feats = extract_eval_features(
             backbone,
             {s: samples("classification", *cls_sources[s], caps[s]) for s in cls_splits},
@@ -111,7 +112,7 @@ def run_features(args: argparse.Namespace) -> int:
             "img_size": size,
         }
         if init is not None:
-            feats["baselines"]["seed"] = train_seed(ckpt_cfg)
+            feats["baselines"]["seed"] = init_seed
         torch.save(feats, out / "features.pt")
         n = int(ev.get("pca_images", 4))
         pca_images = _pca_images(samples("dense", dense["dataset"], dense["val"], None), n, size)
